@@ -1,0 +1,1 @@
+"""Shared building blocks of train.py, gan_train.py and finetune.py (see README's file tree)."""

@@ -1,0 +1,79 @@
+"""The command line shared by train.py, gan_train.py and finetune.py, and the exit-code contract:
+
+    python <script>.py [--config FILE] [--print-config] [--force] [--eval-only] [dotted.key=value ...]
+
+0 done (also after a graceful stop on a signal, with a checkpoint written); 2 a mistake the user can
+fix (config, paths, data, launch), reported in one paragraph without a traceback, before any file is
+written; 1 anything else. Imports stay light here: --help never imports torch.
+"""
+import argparse
+import os
+import sys
+import time
+
+from lib import config as config_mod
+from lib.errors import RunError, UserError
+
+STARTED = time.time()
+
+
+def parse(argv, schema, description, default_config=None):
+    keys = "\n".join(config_mod.describe(schema))
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"config keys (override any with key=value; values are YAML):\n{keys}")
+    parser.add_argument("--config", metavar="FILE", default=default_config,
+                        help=f"YAML config (default: {default_config or 'the schema defaults'})")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--force", action="store_true",
+                        help="start over in a run directory that holds a different run (it is kept, renamed)")
+    parser.add_argument("--eval-only", action="store_true", help="only evaluate the loaded weights")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=0.01")
+    return parser.parse_args(argv)
+
+
+def run(main, *, schema=config_mod.Config, description="", default_config=None, script_defaults=None,
+        preflight=None, argv=None):
+    """Parse the command line, load the config, call main(cfg), and turn errors into exit codes."""
+    args = parse(sys.argv[1:] if argv is None else argv, schema, description, default_config)
+    try:
+        cfg = config_mod.load(schema, args.config, args.overrides, script_defaults)
+        if args.eval_only:
+            cfg.train.eval_only = True
+        cfg._force = args.force
+        cfg._started = STARTED
+        if args.print_config:
+            if preflight is None:
+                from lib.checks import preflight
+            preflight(cfg)
+            sys.stdout.write(config_mod.dump(cfg))
+            return 0
+        main(cfg)
+        return 0
+    except UserError as e:
+        _report("error", e)
+        return 2
+    except RunError as e:
+        _report("stopped", e)
+        return 1
+    except KeyboardInterrupt:
+        _shutdown(ok=False)
+        return 130
+
+
+def _report(kind, err):
+    from lib import runtime
+    rank = runtime.process_rank()
+    started = runtime.CURRENT is not None
+    _shutdown(ok=False)
+    # Config errors are the same on every rank: say them once. Later errors may be rank-specific.
+    if rank == 0:
+        print(f"{kind}: {err}", file=sys.stderr, flush=True)
+    elif started:
+        print(f"[rank {rank}] {kind}: {err}", file=sys.stderr, flush=True)
+
+
+def _shutdown(ok):
+    from lib import runtime
+    if runtime.CURRENT is not None:
+        runtime.CURRENT.shutdown(ok=ok)

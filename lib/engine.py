@@ -1,0 +1,228 @@
+"""The loop around a script's training step: epochs, accumulation boundaries, logging, evaluation
+that is exact under DDP, checkpoints by steps and epochs, stop signals and non-finite losses.
+
+The step itself (forward, loss, backward, clip, optimizer) lives in each entry script. It is called
+as `step_fn(x, y, micro)` and returns a dict of per-batch *sums* on the device plus "count"; every
+reported metric is sum / count, reduced across ranks only when it is read (no host-device sync per
+step).
+"""
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from lib.errors import RunError
+
+
+@dataclass
+class LoopState:
+    """Where training is. Saved in every checkpoint; restored on resume."""
+    epoch: int = 0          # epoch in progress (equals epochs completed when batch == 0)
+    batch: int = 0          # micro-batches of this epoch already done
+    step: int = 0           # optimizer updates done
+    best: float = None      # best value of checkpoint.monitor so far
+    best_epoch: int = None
+
+    def state_dict(self):
+        return asdict(self)
+
+    def load_state_dict(self, d):
+        for k, v in d.items():
+            setattr(self, k, v)
+
+
+@dataclass
+class Micro:
+    update: bool            # this micro-batch ends an optimizer step
+    scale: float            # 1 / number of micro-batches in this step (gradient accumulation)
+
+
+class Meter:
+    """Running per-key sums on the device (float64); values are sums / count when read."""
+
+    def __init__(self):
+        self.sums = {}
+
+    def add(self, stats):
+        for k, v in stats.items():
+            v = v.detach().double() if torch.is_tensor(v) else torch.tensor(float(v), dtype=torch.float64)
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+
+    def read(self, rt, reset=False):
+        """Mean of each key over all samples of all ranks (a collective: every rank must call it)."""
+        if not self.sums:
+            return {}
+        keys = sorted(self.sums)
+        device = next(iter(self.sums.values())).device
+        t = torch.stack([self.sums[k].to(device) for k in keys])
+        rt.all_reduce_(t)
+        values = dict(zip(keys, t.tolist()))
+        count = values.pop("count", 0.0)
+        if reset:
+            self.sums = {}
+        return {k: v / count if count else float("nan") for k, v in values.items()}
+
+
+def classification_stats(out, y, loss):
+    """Per-batch sums: loss, top-1 and top-5 correct, and the sample count."""
+    b = y.shape[0]
+    stats = {"loss": loss.detach() * b, "acc": (out.argmax(1) == y).sum(), "count": b}
+    if out.shape[1] >= 5:
+        top5 = out.topk(5, dim=1).indices
+        stats["top5"] = (top5 == y[:, None]).any(1).sum()
+    return stats
+
+
+def regression_stats(out, y, loss):
+    b = y.shape[0]
+    err = (out.detach().float() - y.float()) ** 2
+    return {"loss": loss.detach() * b, "mse": err.reshape(b, -1).mean(1).sum(), "count": b}
+
+
+STATS = {"classification": classification_stats, "regression": regression_stats}
+
+
+@torch.no_grad()
+def evaluate(model, loader, loss_fn, rt, task, num_classes=None):
+    """Metrics over the whole validation set, every sample counted exactly once across ranks.
+
+    The loader shards without padding (rank r takes samples r, r+world, ...), sums are kept in
+    float64 / int64 and all-reduced once, so accuracy is the same with 1 or N processes. The raw
+    module is used, so no DDP collective runs inside the loop (ranks may have different counts).
+    """
+    was_training = model.training
+    model.eval()
+    meter = Meter()
+    confusion = None
+    if task == "classification" and num_classes:
+        confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=rt.device)
+    loader.set_epoch(0)
+    for x, y in loader:
+        with rt.autocast():
+            out = model(x)
+            loss = loss_fn(out, y)
+        out = out.float()
+        meter.add(STATS[task](out, y, loss))
+        if confusion is not None:
+            confusion += torch.bincount(y * num_classes + out.argmax(1), minlength=num_classes ** 2)
+    if not meter.sums:  # this rank got no samples: add zeros with the same keys as the others
+        empty = torch.zeros(0, num_classes, device=rt.device)
+        target = torch.zeros(0, dtype=torch.long, device=rt.device) if task == "classification" else empty
+        meter.add(STATS[task](empty, target, torch.zeros((), device=rt.device)))
+    values = meter.read(rt)
+    model.train(was_training)
+    out = {f"val/{k}": v for k, v in values.items()}
+    if confusion is not None:
+        rt.all_reduce_(confusion)
+        out["confusion"] = confusion.view(num_classes, num_classes).cpu()
+    return out
+
+
+class NonFiniteGuard:
+    """Finds the first step whose loss is NaN/inf without a per-step host sync; checked when read."""
+
+    def __init__(self, rt, policy):
+        self.rt, self.policy = rt, policy
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=rt.device)
+        self.skipped = torch.zeros((), dtype=torch.int64, device=rt.device)
+
+    def watch(self, stats, step):
+        """Record a non-finite loss at `step`; under policy skip, drop the batch from the sums."""
+        finite = torch.isfinite(stats["loss"])
+        if self.policy == "skip":
+            self.skipped += (~finite).long()
+            return {k: torch.where(finite, torch.as_tensor(v, device=finite.device), 0) for k, v in stats.items()}
+        self.first_bad = torch.where((self.first_bad < 0) & ~finite, torch.tensor(step, device=finite.device),
+                                     self.first_bad)
+        return stats
+
+    def check(self, where):
+        """Raise RunError on every rank if any rank saw a non-finite loss (policy stop)."""
+        if self.policy == "skip":
+            return
+        bad = self.first_bad.clone()
+        bad = torch.where(bad < 0, torch.tensor(2**62, device=bad.device), bad)
+        self.rt.all_reduce_(bad, op="min")
+        step = int(bad.item())
+        if step < 2**62:
+            raise RunError(f"the loss became NaN or infinite at optimizer step {step + 1} ({where}); nothing was "
+                           f"saved after it, so the last checkpoint is intact. Lower optim.lr, set "
+                           f"train.clip_grad_norm, check the data, or set train.on_nonfinite=skip.")
+
+
+def train_one_epoch(state, loader, step_fn, rt, log, run, objects, cfg, guard):
+    """One epoch (or its rest, when resuming mid-epoch). Returns (train metrics, stopped by signal?)."""
+    t = cfg.train
+    loader.set_epoch(state.epoch, state.batch)
+    n = len(loader)
+    epoch_meter, window = Meter(), Meter()
+    log.start_epoch(state, n)
+    tick, images = time.perf_counter(), 0
+    for x, y in loader:
+        group_start = state.batch - state.batch % t.grad_accum
+        group = min(t.grad_accum, n - group_start)
+        micro = Micro(update=state.batch + 1 == group_start + group, scale=1.0 / group)
+        stats = guard.watch(step_fn(x, y, micro), state.step)
+        epoch_meter.add(stats)
+        window.add(stats)
+        images += y.shape[0]
+        state.batch += 1
+        log.advance(state)
+        if not micro.update:
+            continue
+        state.step += 1
+        if state.step % t.log_every == 0:
+            guard.check(f"epoch {state.epoch + 1}")
+            elapsed = time.perf_counter() - tick
+            log.log_step(state, window.read(rt, reset=True), images * rt.world_size / max(elapsed, 1e-9))
+            tick, images = time.perf_counter(), 0
+        if rt.should_stop():
+            return epoch_meter.read(rt), True
+        if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
+            guard.check(f"epoch {state.epoch + 1}")
+            run.save(objects, state)
+        if t.max_steps and state.step >= t.max_steps:
+            break
+    metrics = epoch_meter.read(rt)
+    if state.batch >= n:
+        state.epoch, state.batch = state.epoch + 1, 0
+    return metrics, False
+
+
+def fit(*, cfg, rt, run, log, state, train_loader, step_fn, eval_fn, objects, lr_fn):
+    """Epochs of train_one_epoch + evaluation + best tracking + checkpoints; returns final metrics."""
+    t = cfg.train
+    guard = NonFiniteGuard(rt, t.on_nonfinite)
+    rt.install_signal_handlers()
+    metrics, started = {}, time.perf_counter()
+    try:
+        while state.epoch < t.epochs and not (t.max_steps and state.step >= t.max_steps):
+            train_metrics, stopped = train_one_epoch(state, train_loader, step_fn, rt, log, run, objects, cfg,
+                                                     guard)
+            guard.check(f"epoch {state.epoch + 1}")
+            if stopped:
+                run.save(objects, state)
+                log.stopped(state, rt.stop_signal, rt.requeue_slurm_job())
+                return {"stopped": True, "step": state.step, "epoch": state.epoch}
+            finished = state.epoch >= t.epochs or (t.max_steps and state.step >= t.max_steps)
+            evaluate_now = finished or state.epoch % t.eval_every_epochs == 0
+            val = eval_fn() if evaluate_now else {}
+            confusion = val.pop("confusion", None)
+            metrics = {"epoch": state.epoch, "step": state.step, "lr": lr_fn(),
+                       **{f"train/{k}": v for k, v in train_metrics.items()}, **val,
+                       "time_s": round(time.perf_counter() - started, 3)}
+            if guard.policy == "skip":
+                metrics["train/skipped_steps"] = int(guard.skipped.item())
+            improved = run.update_best(state, metrics)
+            log.log_epoch(state, metrics, improved, confusion)
+            every = cfg.checkpoint.every_epochs
+            if finished or improved or (every and state.epoch % every == 0):
+                run.save(objects, state, best=improved)
+    finally:
+        rt.restore_signal_handlers()
+    return metrics
+
+
+def images_per_second(count, seconds):
+    return count / seconds if seconds > 0 else math.nan

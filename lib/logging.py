@@ -1,0 +1,300 @@
+"""What a run shows and leaves behind: a progress bar, metrics.jsonl (per log step), metrics.csv
+(per epoch), curves.png, confusion.png, wandb, and a summary line. Rank 0 only; elsewhere every
+method is a no-op. matplotlib and wandb are imported only when used.
+"""
+import csv
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+PLOT_EVERY_S = 60.0   # redraw curves.png at most this often during training (and always at the end)
+
+
+class RunLogger:
+    def __init__(self, run_dir, cfg, rt, state, lr_fn, classes=None, plot_groups=None, started=None):
+        self.enabled = rt.is_main
+        self.lr_fn = lr_fn
+        self.classes = classes
+        self.confusion = None
+        self.cfg, self.rt = cfg, rt
+        self.dir = Path(run_dir)
+        self.rows = []
+        self.bar = None
+        self.plot_groups = plot_groups
+        self.started = started or time.time()
+        self.first_step_s = None
+        self.last_plot = 0.0
+        self.wandb = None
+        self.tty = sys.stderr.isatty()
+        self.epoch_total = 0
+        if not self.enabled:
+            return
+        self._truncate_history(state)
+        if cfg.log.wandb.enabled:
+            self.wandb = _start_wandb(self.dir, cfg, rt)
+
+    # -- files -------------------------------------------------------------------------------
+
+    def _truncate_history(self, state):
+        """On resume keep only what happened up to the checkpoint (the rest is redone, not duplicated)."""
+        csv_path, jsonl_path = self.dir / "metrics.csv", self.dir / "metrics.jsonl"
+        if csv_path.exists():
+            with open(csv_path, newline="") as f:
+                self.rows = [r for r in csv.DictReader(f) if int(float(r.get("epoch", 0))) <= state.epoch]
+            self._write_csv()
+        if jsonl_path.exists():
+            keep = []
+            with open(jsonl_path) as f:
+                for line in f:
+                    try:
+                        if json.loads(line).get("step", 0) <= state.step:
+                            keep.append(line)
+                    except json.JSONDecodeError:
+                        pass
+            with open(jsonl_path, "w") as f:
+                f.writelines(keep)
+
+    def _write_csv(self):
+        keys = []
+        for r in self.rows:
+            keys += [k for k in r if k not in keys]
+        tmp = self.dir / ".metrics.csv.tmp"
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(self.rows)
+        os.replace(tmp, self.dir / "metrics.csv")
+
+    def _jsonl(self, record):
+        with open(self.dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # -- progress ----------------------------------------------------------------------------
+
+    def start_epoch(self, state, total):
+        if not self.enabled:
+            return
+        self.epoch_total = total
+        if self.cfg.log.progress and self.tty:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=state.batch, desc=f"epoch {state.epoch + 1}/{self.cfg.train.epochs}",
+                            leave=False, dynamic_ncols=True, file=sys.stderr)
+
+    def advance(self, state):
+        if self.first_step_s is None and self.enabled:
+            self.first_step_s = time.time() - self.started
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def log_step(self, state, metrics, images_per_s):
+        """Every train.log_every optimizer steps: metrics.jsonl, the bar's postfix, wandb."""
+        if not self.enabled:
+            return
+        lr = self._lr()
+        record = {"step": state.step, "epoch": state.epoch, "batch": state.batch,
+                  **{f"train/{k}": _round(v) for k, v in metrics.items()}, "lr": lr,
+                  "images_per_s": round(images_per_s, 1), "time_s": round(time.time() - self.started, 3)}
+        self._jsonl(record)
+        short = {k: v for k, v in metrics.items() if not k.startswith("_")}
+        text = " ".join(f"{k} {_fmt(v)}" for k, v in short.items()) + f" lr {lr:.3g} {images_per_s:,.0f} img/s"
+        if self.bar is not None:
+            self.bar.set_postfix_str(text)
+        elif self.cfg.log.progress:
+            print(f"epoch {state.epoch + 1} batch {state.batch}/{self.epoch_total} step {state.step}: {text}",
+                  flush=True)
+        if self.wandb is not None:
+            self._wandb_log({**{f"train/{k}": v for k, v in metrics.items()}, "lr": lr,
+                             "images_per_s": images_per_s}, state.step)
+
+    def _lr(self):
+        return float(self.lr_fn())
+
+    def log_epoch(self, state, metrics, improved, confusion=None):
+        """One row of metrics.csv, one printed line, wandb, and (now and then) the plots."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        self.rows = [r for r in self.rows if int(float(r["epoch"])) < metrics["epoch"]]
+        self.rows.append({k: _round(v) for k, v in metrics.items()})
+        self._write_csv()
+        shown = {k: v for k, v in metrics.items() if "/" in k}
+        line = "  ".join(f"{k} {_fmt(v)}" for k, v in shown.items())
+        mark = "  (best)" if improved else ""
+        print(f"epoch {metrics['epoch']}/{self.cfg.train.epochs}  step {metrics['step']}  {line}  "
+              f"lr {metrics['lr']:.3g}  {metrics['time_s']:.1f}s{mark}", flush=True)
+        if self.wandb is not None:
+            self._wandb_log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, state.step)
+        if confusion is not None:
+            self.confusion = confusion
+        if self.cfg.log.plots and time.time() - self.last_plot > PLOT_EVERY_S:
+            self.plot()
+
+    def stopped(self, state, signal_name, requeue_note):
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        note = f"; {requeue_note}" if requeue_note else ""
+        print(f"stopped by {signal_name} at epoch {state.epoch + 1}, step {state.step}; checkpoint written to "
+              f"{self.dir / 'checkpoints' / 'last.pt'}{note}", flush=True)
+        if self.cfg.log.plots:
+            self.plot()
+        self._finish_wandb()
+
+    # -- plots ---------------------------------------------------------------------------------
+
+    def plot(self):
+        """curves.png (and confusion.png for classification), written atomically."""
+        if not self.enabled or not self.rows:
+            return
+        try:
+            plot_curves(self.rows, self.dir / "curves.png", self.plot_groups)
+            if self.confusion is not None:
+                plot_confusion(self.confusion, self.classes, self.dir / "confusion.png")
+        except Exception as e:  # a plot must never kill a run
+            print(f"warning: could not draw plots ({type(e).__name__}: {e})", flush=True)
+        self.last_plot = time.time()
+
+    # -- end ---------------------------------------------------------------------------------------
+
+    def finish(self, metrics, extra=""):
+        """Final plots and the one-line summary."""
+        if not self.enabled:
+            return
+        if self.cfg.log.plots:
+            self.plot()
+        keys = [k for k in metrics if k.startswith("val/") or k in ("train/loss",)]
+        summary = ", ".join(f"{k} {_fmt(metrics[k])}" for k in keys)
+        first = f", first step after {self.first_step_s:.1f}s" if self.first_step_s else ""
+        total = time.time() - self.started
+        print(f"done: {summary}{extra} in {total:.1f}s{first}; run directory {self.dir}", flush=True)
+        self._finish_wandb()
+
+    # -- wandb -------------------------------------------------------------------------------------
+
+    def _wandb_log(self, data, step):
+        try:
+            self.wandb.log(data, step=step)
+        except Exception as e:
+            print(f"warning: wandb.log failed ({e}); continuing without wandb", flush=True)
+            self.wandb = None
+
+    def _finish_wandb(self):
+        if self.wandb is not None:
+            try:
+                self.wandb.finish()
+            except Exception:
+                pass
+            self.wandb = None
+
+
+def _start_wandb(run_dir, cfg, rt):
+    """wandb.init with a run id kept in the run directory (a resumed run continues the same wandb run).
+    Any failure is a warning: wandb must never stop training."""
+    w = cfg.log.wandb
+    id_file = Path(run_dir) / "wandb_id.txt"
+    try:
+        import wandb
+        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run = wandb.init(project=w.project or cfg.name, entity=w.entity, name=cfg.name, id=run_id, resume="allow",
+                         dir=str(run_dir), mode=w.mode, tags=w.tags, config=_wandb_config(cfg),
+                         settings=wandb.Settings(init_timeout=60, silent=True))
+        id_file.write_text(run_id + "\n")
+        return run
+    except Exception as e:
+        print(f"warning: wandb could not start ({type(e).__name__}: {str(e)[:200]}); continuing without it",
+              flush=True)
+        return None
+
+
+def _wandb_config(cfg):
+    from lib.config import to_dict
+    return to_dict(cfg)
+
+
+def _round(v):
+    if isinstance(v, float) and math.isfinite(v):
+        return float(f"{v:.6g}")
+    return v
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        if v != v:
+            return "nan"
+        return f"{v:.4f}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)
+
+
+def plot_curves(rows, path, groups=None):
+    """One panel per metric family (loss, acc, ...), train and val together, plus the learning rate."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    epochs = [float(r["epoch"]) for r in rows]
+    if groups is None:
+        families = {}
+        for r in rows:
+            for k in r:
+                if "/" in k:
+                    families.setdefault(k.split("/", 1)[1], set()).add(k)
+        groups = [(name, sorted(keys, key=lambda k: (not k.startswith("train"), k)))
+                  for name, keys in families.items() if name not in ("skipped_steps",)]
+        groups.append(("lr", ["lr"]))
+    fig = Figure(figsize=(4.2 * len(groups), 3.4), dpi=100)
+    FigureCanvasAgg(fig)
+    for i, (title, keys) in enumerate(groups):
+        ax = fig.add_subplot(1, len(groups), i + 1)
+        for k in keys:
+            pts = [(e, float(r[k])) for e, r in zip(epochs, rows) if r.get(k) not in (None, "")]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", markersize=3, label=k)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        if title == "lr":
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save_fig(fig, path)
+
+
+def plot_confusion(matrix, classes, path):
+    """Rows: true class, columns: predicted; colour by row-normalised rate, numbers are counts."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    m = matrix.double()
+    k = m.shape[0]
+    rates = m / m.sum(1, keepdim=True).clamp_min(1)
+    size = min(12, 2 + 0.45 * k)
+    fig = Figure(figsize=(size, size), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
+    labels = classes if classes and len(classes) == k else [str(i) for i in range(k)]
+    if k <= 30:
+        ax.set_xticks(range(k), labels, rotation=90, fontsize=7)
+        ax.set_yticks(range(k), labels, fontsize=7)
+        for i in range(k):
+            for j in range(k):
+                if m[i, j]:
+                    ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=6,
+                            color="white" if rates[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    acc = m.diagonal().sum() / m.sum().clamp_min(1)
+    ax.set_title(f"validation confusion matrix (accuracy {acc:.4f})")
+    fig.tight_layout()
+    _save_fig(fig, path)
+
+
+def _save_fig(fig, path):
+    tmp = Path(path).with_name("." + Path(path).name + ".tmp.png")
+    fig.savefig(tmp)
+    os.replace(tmp, path)

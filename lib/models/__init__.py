@@ -1,0 +1,110 @@
+"""MODELS registry and build_model(). Entries live in classic.py, resnet.py, lstm.py, tv.py (and dcgan.py).
+
+A builder takes what it needs of (num_classes, in_channels, image_size, input_shape) plus its own
+keyword arguments from the model section (`model: {name: mlp, hidden: [256, 128]}`).
+"""
+import inspect
+
+from lib.errors import UserError
+from lib.registry import Registry, check_kwargs
+
+MODELS = Registry("model")
+
+from lib.models import classic, lstm, resnet, tv  # noqa: E402,F401  (they register themselves)
+
+BUILT_IN_ARGS = ("num_classes", "in_channels", "image_size", "input_shape")
+
+
+def check(cfg, task=None, kind=None):
+    """Pre-flight: the model name exists, its options are accepted, it can serve the data's task."""
+    m = cfg.model
+    builder = MODELS.get(m.name, where="model.name")
+    meta = MODELS.meta(m.name)
+    check_kwargs(builder, m.extra, "model", skip=BUILT_IN_ARGS)
+    if kind is not None and meta.get("input", "image") not in (kind, "any"):
+        raise UserError(f"model.name={m.name} takes {meta.get('input', 'image')} inputs but data.name="
+                        f"{cfg.data.name} gives {kind}s; pick a matching model or dataset.")
+    if task is not None and task not in meta.get("tasks", ("classification",)):
+        raise UserError(f"model.name={m.name} cannot do {task} (data.name={cfg.data.name}); "
+                        f"use lstm or mlp for regression.")
+    return meta
+
+
+def build_model(m, *, num_classes, in_channels, image_size=None, input_shape=None, seed=0):
+    """The model of section `m`, initialised identically on every rank from `seed`."""
+    import torch
+    builder = MODELS.get(m.name, where="model.name")
+    given = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size,
+             "input_shape": input_shape}
+    params = inspect.signature(builder).parameters
+    kwargs = {k: v for k, v in given.items() if k in params}
+    kwargs.update(m.extra)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            model = builder(**kwargs)
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise UserError(f"model {m.name} could not be built with {_show(kwargs)}: {e}") from None
+        from lib.init import apply_init
+        apply_init(model, m.init)
+    return model
+
+
+def _show(kwargs):
+    return ", ".join(f"{k}={v}" for k, v in kwargs.items() if v is not None)
+
+
+def probe(model, shape, where):
+    """Run one dummy forward so a size mismatch is a clear error now, not a stack trace later."""
+    import torch
+    try:
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            out = model(torch.zeros(2, *shape))
+            model.train(was)
+    except RuntimeError as e:
+        raise UserError(f"{where}: the model cannot take inputs of shape {tuple(shape)} ({str(e).splitlines()[0]}); "
+                        f"change data.image_size or the model.") from None
+    return out
+
+
+def load_weights(model, path, where="model.weights"):
+    """Load a state dict (.pt/.pth) or a checkpoint of this package into `model`, strictly."""
+    from lib import checkpoint
+    try:
+        ckpt = checkpoint.load(path)
+    except FileNotFoundError:
+        raise UserError(f"{where}={path}: no such file; give a .pt/.pth state dict or a checkpoint.") from None
+    except ValueError as e:
+        raise UserError(f"{where}: {e}.") from None
+    state = state_dict_of(ckpt)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise UserError(f"{where}={path} does not fit model {type(model).__name__}: missing "
+                        f"{_few(result.missing_keys)}, unexpected {_few(result.unexpected_keys)}; "
+                        f"check model.name and its options.")
+    return model
+
+
+def state_dict_of(ckpt):
+    """The model weights inside a checkpoint / state dict, without DDP or compile prefixes."""
+    import torch
+    for key in ("model", "state_dict", "model_state_dict"):
+        if isinstance(ckpt.get(key), dict):
+            ckpt = ckpt[key]
+            break
+    out = {}
+    for k, v in ckpt.items():
+        if not torch.is_tensor(v):
+            continue
+        for prefix in ("module.", "_orig_mod."):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def _few(keys):
+    keys = list(keys)
+    return "none" if not keys else ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")

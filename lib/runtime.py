@@ -1,0 +1,608 @@
+"""The runtime: processes, devices, precision, seeds and collectives. The only module that reads
+environment variables or touches torch.distributed / Accelerate (DESIGN.md section 5).
+
+The same script runs under `python`, `torchrun`, `accelerate launch` and `srun`:
+
+    prepare_env(cfg)      before CUDA is initialised: dist.gpus -> CUDA_VISIBLE_DEVICES, SLURM -> RANK...
+    rt = setup(cfg)       Accelerator (DDP over NCCL or gloo, DeepSpeed), checks, seeds, signal flags
+    model = rt.prepare_model(model)       DDP wrap (or the DeepSpeed engine)
+    with rt.no_sync(model, not update), rt.autocast(): ...; rt.backward(loss)
+    rt.clip_grad_norm_(optimizer, params, max_norm); rt.step(optimizer)
+    rt.all_reduce_(t); rt.barrier(); rt.print0(...); rt.shutdown()
+
+Mixed precision is ours, not Accelerate's: torch.autocast + torch.amp.GradScaler, so fp16 works (and
+is tested) on CPU too, and the AMP order stays visible in the scripts. Accelerate silently runs fp32
+when asked for fp16 on a CPU (accelerator.py, `self.device.type != "cpu"`); we do not.
+"""
+import contextlib
+import datetime
+import hashlib
+import json
+import os
+import platform
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from lib.errors import UserError
+
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+CURRENT = None  # the Runtime of this process once setup() ran (for clean shutdown on errors)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Environment, before torch touches CUDA
+# ---------------------------------------------------------------------------------------------
+
+def prepare_env(cfg):
+    """Apply GPU selection and SLURM launch variables; returns notes for the log.
+
+    GPU precedence (first wins): dist.gpus, then CUDA_VISIBLE_DEVICES, then SLURM's own binding.
+    dist.gpus indexes the GPUs already visible, so '1' under CUDA_VISIBLE_DEVICES=4,5 selects GPU 5.
+    """
+    notes = []
+    torch = sys.modules.get("torch")
+    if cfg.dist.gpus is not None:
+        if torch is not None and torch.cuda.is_initialized():
+            raise UserError("dist.gpus was given after CUDA was initialised in this process; set "
+                            "CUDA_VISIBLE_DEVICES before starting Python instead.")
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        wanted = cfg.dist.gpus.split(",")
+        if visible not in (None, ""):
+            pool = [v.strip() for v in visible.split(",") if v.strip()]
+            bad = [g for g in wanted if int(g) >= len(pool)]
+            if bad:
+                raise UserError(f"dist.gpus={cfg.dist.gpus} asks for GPU {bad[0]} but only {len(pool)} are "
+                                f"visible (CUDA_VISIBLE_DEVICES={visible}); dist.gpus counts within those.")
+            chosen = ",".join(pool[int(g)] for g in wanted)
+            notes.append(f"dist.gpus={cfg.dist.gpus} selects CUDA_VISIBLE_DEVICES={chosen} (from {visible})")
+        else:
+            chosen = cfg.dist.gpus
+            notes.append(f"dist.gpus sets CUDA_VISIBLE_DEVICES={chosen}")
+        os.environ["CUDA_VISIBLE_DEVICES"] = chosen
+    elif os.environ.get("CUDA_VISIBLE_DEVICES") not in (None, ""):
+        source = "SLURM" if os.environ.get("SLURM_STEP_GPUS") or os.environ.get("SLURM_JOB_GPUS") else "the environment"
+        notes.append(f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']} (set by {source})")
+    notes += _map_slurm_env()
+    _check_launch_env()
+    return notes
+
+
+def _map_slurm_env():
+    """`srun python train.py` (one task per GPU, no torchrun): derive torchrun's variables from SLURM's."""
+    env = os.environ
+    if "SLURM_PROCID" not in env or "RANK" in env or "TORCHELASTIC_RUN_ID" in env:
+        return []
+    ntasks = int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")))
+    if ntasks <= 1:
+        return []
+    nodes = slurm_hostnames(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", ""))
+    if not nodes:
+        raise UserError("running under srun with several tasks but SLURM_JOB_NODELIST is empty; "
+                        "launch with srun inside an sbatch/salloc allocation.")
+    env["RANK"] = env["SLURM_PROCID"]
+    env["WORLD_SIZE"] = str(ntasks)
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    per_node = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+    env["LOCAL_WORLD_SIZE"] = per_node if per_node.isdigit() else str(max(1, ntasks // len(nodes)))
+    env.setdefault("MASTER_ADDR", nodes[0])
+    env.setdefault("MASTER_PORT", str(slurm_port(env.get("SLURM_JOB_ID", "0"))))
+    return [f"srun launch: rank {env['RANK']}/{ntasks}, master {env['MASTER_ADDR']}:{env['MASTER_PORT']}"]
+
+
+def slurm_port(job_id):
+    """A port derived from the job id, so concurrent jobs on one node do not collide (as Lightning)."""
+    digits = re.sub(r"\D", "", str(job_id)) or "0"
+    return 15000 + int(digits[-4:]) % 5000
+
+
+def slurm_hostnames(nodelist):
+    """Expand 'gpu[01-03,07],cpu1' like `scontrol show hostnames` (without needing scontrol)."""
+    hosts, depth, token = [], 0, ""
+    for ch in nodelist + ",":
+        if ch == "," and depth == 0:
+            if token:
+                hosts += _expand_host(token)
+            token = ""
+            continue
+        depth += ch == "["
+        depth -= ch == "]"
+        token += ch
+    return hosts
+
+
+def _expand_host(token):
+    m = re.match(r"^(.*?)\[([^\]]+)\](.*)$", token)
+    if not m:
+        return [token]
+    head, ranges, tail = m.groups()
+    out = []
+    for part in ranges.split(","):
+        if "-" in part:
+            lo, hi = part.split("-")
+            out += [f"{head}{i:0{len(lo)}d}" for i in range(int(lo), int(hi) + 1)]
+        else:
+            out.append(head + part)
+    return [h for o in out for h in _expand_host(o + tail)]
+
+
+def _check_launch_env():
+    env = os.environ
+    world = int(env.get("WORLD_SIZE", "1"))
+    if world > 1 and ("MASTER_ADDR" not in env or "MASTER_PORT" not in env):
+        raise UserError(f"WORLD_SIZE={world} is set but MASTER_ADDR/MASTER_PORT are not; launch with torchrun, "
+                        f"accelerate launch or srun (which set them), or unset WORLD_SIZE for one process.")
+    for var in ("RANK", "LOCAL_RANK"):
+        if var in env and not env[var].isdigit():
+            raise UserError(f"{var}={env[var]} is not a process index; check the launcher command.")
+    if int(env.get("RANK", "0")) >= world:
+        raise UserError(f"RANK={env['RANK']} is not below WORLD_SIZE={world}; check the launcher command.")
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The Runtime object
+# ---------------------------------------------------------------------------------------------
+
+class Runtime:
+    """Everything about where and how this process computes. Built by setup()."""
+
+    def __init__(self, cfg, notes, broadcast_buffers=True):
+        import torch
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+        self.cfg = cfg
+        self.torch = torch
+        self.launcher = detect_launcher()
+        precision = self._resolve_precision(cfg)
+        cuda = torch.cuda.is_available()
+        self._check_gpu_count(cuda)
+        handlers = [InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.dist.timeout_s)),
+                    DistributedDataParallelKwargs(find_unused_parameters=cfg.dist.find_unused_parameters,
+                                                  broadcast_buffers=broadcast_buffers)]
+        if cfg.dist.backend != "auto":
+            handlers[0].backend = cfg.dist.backend
+        ds_plugin = self._deepspeed_plugin(cfg, precision)
+        kwargs = dict(cpu=not cuda, kwargs_handlers=handlers, mixed_precision="no")
+        if ds_plugin is not None:
+            kwargs.update(deepspeed_plugin=ds_plugin, mixed_precision=precision)
+        try:
+            self.accelerator = Accelerator(**kwargs)
+        except (ValueError, RuntimeError) as e:
+            raise UserError(f"the distributed runtime could not start: {e}") from None
+        acc = self.accelerator
+        self.deepspeed = acc.distributed_type.name == "DEEPSPEED"
+        self.device = acc.device
+        self.rank = acc.process_index
+        self.world_size = acc.num_processes
+        self.local_rank = acc.local_process_index
+        self.is_main = acc.is_main_process
+        self.precision = precision
+        self.notes = notes
+        expected = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.world_size != expected:
+            raise UserError(f"the launcher started {expected} processes but training sees {self.world_size} "
+                            f"(distributed type {acc.distributed_type.name}); check the launch command "
+                            f"and that every process can reach MASTER_ADDR.")
+        self.amp_dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16" and not self.deepspeed)
+        self._control_group = None
+        self._stop_signal = None
+        self._signal_count = 0
+        self._old_handlers = {}
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True   # TF32 on Ampere+ matmuls/convs (timm, nanoGPT)
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
+        if self.world_size > 1:
+            self._control_group = self._make_control_group()
+
+    # -- setup helpers ------------------------------------------------------------------------
+
+    def _resolve_precision(self, cfg):
+        """train.precision, or the one chosen at `accelerate launch --mixed_precision` when ours is unset."""
+        ours = cfg.train.precision
+        theirs = os.environ.get("ACCELERATE_MIXED_PRECISION")
+        if theirs in (None, "", "no") or theirs == ours:
+            return ours
+        if "train.precision" in cfg._origins and ours != "no":
+            raise UserError(f"train.precision={ours} but accelerate launch asks for mixed_precision={theirs}; "
+                            f"make them agree (or drop one of them).")
+        if theirs not in ("fp16", "bf16"):
+            raise UserError(f"accelerate launch asks for mixed_precision={theirs}, which this package does not "
+                            f"support; use no, fp16 or bf16.")
+        return theirs
+
+    def _check_gpu_count(self, cuda):
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if not cuda:
+            return
+        count = self.torch.cuda.device_count()
+        if local_world > count:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "all")
+            raise UserError(f"{local_world} processes were started on this node but only {count} GPUs are "
+                            f"visible (CUDA_VISIBLE_DEVICES={visible}); start at most {count} processes per "
+                            f"node (--nproc_per_node / --ntasks-per-node) or make more GPUs visible.")
+
+    def _deepspeed_plugin(self, cfg, precision):
+        """dist.deepspeed (torchrun launches) -> a DeepSpeedPlugin; accelerate launch configs set it by env."""
+        path = cfg.dist.deepspeed
+        if not path:
+            return None
+        if not os.path.exists(path):
+            raise UserError(f"dist.deepspeed={path} does not exist; point it at a DeepSpeed JSON file "
+                            f"such as configs/deepspeed/zero2.json.")
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise UserError("dist.deepspeed is set but DeepSpeed is not installed; "
+                            "pip install -r requirements-dev.txt (or pip install deepspeed).") from None
+        from accelerate.utils import DeepSpeedPlugin
+        return DeepSpeedPlugin(hf_ds_config=path)
+
+    def _make_control_group(self):
+        """A gloo group for tiny control-plane reductions (stop flags), so they never sync the GPU."""
+        import torch.distributed as dist
+        if dist.get_backend() == "gloo":
+            return dist.group.WORLD
+        return dist.new_group(backend="gloo")
+
+    # -- precision ----------------------------------------------------------------------------
+
+    def autocast(self):
+        """Mixed-precision forward context (a no-op for precision 'no' and under DeepSpeed)."""
+        enabled = self.amp_dtype is not None and not self.deepspeed
+        return self.torch.autocast(self.device.type, dtype=self.amp_dtype or self.torch.float32, enabled=enabled)
+
+    def backward(self, loss):
+        """loss.backward(), scaled under fp16 (GradScaler) and through the engine under DeepSpeed."""
+        if self.deepspeed:
+            self.accelerator.backward(loss)
+        else:
+            self.scaler.scale(loss).backward()
+
+    def clip_grad_norm_(self, optimizer, parameters, max_norm):
+        """Clip on *unscaled* gradients: unscale_ first under fp16 (pytorch/examples#1196 gets it wrong)."""
+        if self.deepspeed:
+            return None  # DeepSpeed clips inside its step (gradient_clipping in its config)
+        self.scaler.unscale_(optimizer)
+        return self.torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+    def step(self, optimizer, skip_if_nonfinite=None):
+        """optimizer.step(); under fp16 the scaler skips steps with inf/NaN gradients and adapts.
+
+        skip_if_nonfinite: a gradient norm; when it is NaN/inf the update is skipped (train.on_nonfinite
+        =skip). The norm is taken after DDP's all-reduce, so every rank makes the same decision.
+        """
+        if self.deepspeed:
+            optimizer.step()
+        elif self.scaler.is_enabled():
+            self.scaler.step(optimizer)     # the scaler already skips non-finite steps
+            self.scaler.update()
+        elif skip_if_nonfinite is not None and not bool(self.torch.isfinite(skip_if_nonfinite)):
+            return False
+        else:
+            optimizer.step()
+        return True
+
+    # -- model wrapping -----------------------------------------------------------------------
+
+    def prepare(self, model, optimizer=None, *, compile=False, channels_last=False):
+        """Move the model to the device and wrap it: DDP when distributed (or the DeepSpeed engine),
+        then torch.compile when asked (compiling the DDP module lets DDP's optimizer split graphs at
+        bucket boundaries). The optimizer keeps the same parameter objects."""
+        torch = self.torch
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if self.deepspeed:
+            model, optimizer = self.accelerator.prepare(model, optimizer)
+        else:
+            model = model.to(self.device)
+            if self.world_size > 1:
+                model = self.accelerator.prepare_model(model)
+        if compile:
+            model = torch.compile(model)
+        return model, optimizer
+
+    def unwrap(self, model):
+        """The raw module under DDP / DeepSpeed / torch.compile wrappers (checkpoints hold its state)."""
+        while True:
+            if hasattr(model, "_orig_mod"):
+                model = model._orig_mod
+            elif hasattr(model, "module") and isinstance(model.module, self.torch.nn.Module) and \
+                    type(model).__name__ in ("DistributedDataParallel", "DeepSpeedEngine", "DataParallel"):
+                model = model.module
+            else:
+                return model
+
+    def eval_model(self, model):
+        """The module to evaluate with: the raw one (no DDP collectives), or the engine under DeepSpeed."""
+        return model if self.deepspeed else self.unwrap(model)
+
+    def no_sync(self, model, skip_sync):
+        """No gradient all-reduce on accumulation micro-steps (DDP.no_sync)."""
+        if skip_sync and self.world_size > 1 and hasattr(model, "no_sync") and not self.deepspeed:
+            return model.no_sync()
+        return contextlib.nullcontext()
+
+    # -- collectives --------------------------------------------------------------------------
+
+    def all_reduce_(self, tensor, op="sum"):
+        """In-place sum/max/min over all processes (a no-op in one process)."""
+        if self.world_size > 1:
+            import torch.distributed as dist
+            ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+            dist.all_reduce(tensor, op=ops[op])
+        return tensor
+
+    def mean(self, tensor):
+        """The mean of a scalar tensor over all processes."""
+        if self.world_size == 1:
+            return tensor
+        t = tensor.detach().clone().float()
+        self.all_reduce_(t)
+        return t / self.world_size
+
+    def gather_object(self, obj):
+        """[obj of rank 0, obj of rank 1, ...] on every rank."""
+        if self.world_size == 1:
+            return [obj]
+        import torch.distributed as dist
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj):
+        """Rank 0's obj on every rank (decisions are made once and shared, never re-derived)."""
+        if self.world_size == 1:
+            return obj
+        import torch.distributed as dist
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self):
+        if self.world_size > 1:
+            self.accelerator.wait_for_everyone()
+
+    def agree(self, flag):
+        """True on every rank if `flag` is true on any rank (a control-plane MAX over gloo)."""
+        if self.world_size == 1:
+            return bool(flag)
+        t = self.torch.tensor([1 if flag else 0], dtype=self.torch.int32)
+        import torch.distributed as dist
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._control_group)
+        return bool(t.item())
+
+    @contextlib.contextmanager
+    def main_process_first(self):
+        """Rank 0 runs the block first (e.g. a download), then each node's first process, then the rest."""
+        if self.world_size == 1:
+            yield
+            return
+        first = self.is_main
+        node_first = self.local_rank == 0 and not first
+        if not first:
+            self.barrier()                      # A: wait for rank 0
+            if not node_first:
+                self.barrier()                  # B: wait for this node's first process
+        try:
+            yield
+        finally:
+            if first:
+                self.barrier()
+                self.barrier()
+            elif node_first:
+                self.barrier()
+
+    # -- seeds ---------------------------------------------------------------------------------
+
+    def seed(self, seed):
+        """Seed python, numpy and torch for this rank: seed + rank (dropout differs per rank)."""
+        import numpy as np
+        s = seed + self.rank
+        random.seed(s)
+        np.random.seed(s % 2**32)
+        self.torch.manual_seed(s)
+
+    def rng_state(self):
+        """This rank's RNG states as tensors and ints (loadable with weights_only=True)."""
+        import numpy as np
+        torch = self.torch
+        version, keys, gauss = random.getstate()
+        np_state = np.random.get_state()
+        state = {"python": torch.tensor(keys, dtype=torch.int64), "python_version": version,
+                 "python_gauss": gauss,
+                 "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
+                 "numpy_gauss": [int(np_state[3]), float(np_state[4])],
+                 "torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def set_rng_state(self, state):
+        import numpy as np
+        torch = self.torch
+        random.setstate((state["python_version"], tuple(int(k) for k in state["python"].tolist()),
+                         state["python_gauss"]))
+        np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
+                             state["numpy_gauss"][0], state["numpy_gauss"][1]))
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], self.device)
+
+    # -- signals -------------------------------------------------------------------------------
+
+    def install_signal_handlers(self):
+        """SIGTERM / SIGUSR1 / SIGINT only set a flag; the loop checkpoints at the next step boundary.
+
+        Saving inside a handler hangs (Lightning#21406), so the handler does no I/O. A second signal
+        while we are already stopping exits at once (status 128 + signal number).
+        """
+        import threading
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        self._signal_count += 1
+        if self._signal_count > 1:
+            os._exit(128 + signum)
+        self._stop_signal = signal.Signals(signum).name
+
+    def restore_signal_handlers(self):
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        self._old_handlers = {}
+
+    def should_stop(self):
+        """True on every rank as soon as any rank has received a stop signal."""
+        return self.agree(self._stop_signal is not None)
+
+    @property
+    def stop_signal(self):
+        return self._stop_signal
+
+    def requeue_slurm_job(self):
+        """Under SLURM with --requeue: `scontrol requeue <job>` (array-aware); returns what was done."""
+        env = os.environ
+        if "SLURM_JOB_ID" not in env or not self.is_main:
+            return None
+        if env.get("SLURM_REQUEUE", "1") == "0":
+            return "not requeued (SLURM_REQUEUE=0)"
+        job = slurm_job_id(env)
+        try:
+            subprocess.run(["scontrol", "requeue", job], check=True, timeout=60,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        except FileNotFoundError:
+            return f"not requeued: scontrol is not on PATH (requeue job {job} by hand)"
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+            out = getattr(e, "stdout", b"") or b""
+            return f"requeue of job {job} failed: {out.decode(errors='replace').strip() or e}"
+        return f"requeued SLURM job {job}"
+
+    # -- output ----------------------------------------------------------------------------------
+
+    def print0(self, *args, **kwargs):
+        if self.is_main:
+            print(*args, **kwargs, flush=True)
+
+    def describe(self):
+        acc = self.accelerator
+        kind = "DeepSpeed" if self.deepspeed else ("DDP" if self.world_size > 1 else "single process")
+        return (f"{kind}, {self.world_size} process(es), device {self.device}, precision {self.precision}, "
+                f"launcher {self.launcher}, backend "
+                f"{self._backend() if self.world_size > 1 else 'none'} ({acc.distributed_type.name})")
+
+    def _backend(self):
+        import torch.distributed as dist
+        return dist.get_backend() if dist.is_initialized() else "none"
+
+    def env_info(self):
+        """What env.json records: versions, commit, world size, host, devices."""
+        torch = self.torch
+        info = {
+            "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+            "accelerate": _version("accelerate"), "deepspeed": _version("deepspeed"),
+            "torchvision": _version("torchvision"), "numpy": _version("numpy"),
+            "git_commit": git_commit(), "host": socket.gethostname(), "platform": platform.platform(),
+            "world_size": self.world_size, "launcher": self.launcher, "device": str(self.device),
+            "precision": self.precision, "distributed_type": self.accelerator.distributed_type.name,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            if torch.cuda.is_available() else [],
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "torch_threads": torch.get_num_threads(), "argv": sys.argv,
+        }
+        return info
+
+    def shutdown(self, ok=True):
+        """Leave the process group cleanly (a barrier first, so no rank tears down mid-collective)."""
+        global CURRENT
+        CURRENT = None
+        self.restore_signal_handlers()
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            if ok:
+                with contextlib.suppress(Exception):
+                    dist.barrier(group=self._control_group)
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+
+
+def setup(cfg, notes=(), broadcast_buffers=True):
+    """Build the Runtime: start the process group, pick the device, seed this rank.
+
+    broadcast_buffers=False is for models called several times before backward (a GAN's batch-norm
+    discriminator): DDP's buffer broadcast would modify buffers autograd saved (pytorch#22095).
+    """
+    global CURRENT
+    rt = Runtime(cfg, list(notes), broadcast_buffers)
+    CURRENT = rt
+    rt.seed(cfg.seed)
+    return rt
+
+
+def slurm_job_id(env=None):
+    env = os.environ if env is None else env
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env["SLURM_JOB_ID"]
+
+
+def detect_launcher():
+    env = os.environ
+    if any(k.startswith("ACCELERATE_") for k in env) and "TORCHELASTIC_RUN_ID" in env:
+        return "accelerate launch"
+    if "TORCHELASTIC_RUN_ID" in env:
+        return "torchrun"
+    if "SLURM_PROCID" in env and int(env.get("WORLD_SIZE", "1")) > 1:
+        return "srun"
+    return "python"
+
+
+def process_rank():
+    """This process's rank from the launcher's variables (before setup; 0 when not distributed)."""
+    for var in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            if var == "SLURM_PROCID" and int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+                continue
+            return int(os.environ[var])
+    return 0
+
+
+def restart_count():
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def _version(pkg):
+    from importlib import metadata
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def git_commit():
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def stable_seed(*parts):
+    """A 63-bit seed from any tuple of ints/strings (data order = f(seed, epoch), augment = f(..., batch))."""
+    digest = hashlib.sha256(json.dumps(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def now():
+    return time.perf_counter()
