@@ -225,14 +225,26 @@ def _fixed_split(n, val_fraction):
 @DATASETS.register("digits", task="classification", kind="image", offline=True)
 def digits(d, ctx):
     """scikit-learn's UCI handwritten digits (1,797 8x8 images, 0..16) shipped inside the package."""
-    from sklearn.datasets import load_digits
-    bunch = load_digits()
-    x = torch.from_numpy(np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
-    y = torch.from_numpy(bunch.target.astype(np.int64))
+    table = _sklearn_digits()                                       # (1797, 65): 64 pixels, then the label
+    x = torch.from_numpy(np.round(table[:, :64] * (255.0 / 16.0)).astype(np.uint8)).view(-1, 1, 8, 8)
+    y = torch.from_numpy(table[:, 64].astype(np.int64))
     tr, va = _fixed_split(len(y), d.val_fraction)
     return DataSpec("digits", Split(y[tr], x[tr]), Split(y[va], x[va]), num_classes=10, channels=1,
                     size=(8, 8), classes=[str(i) for i in range(10)],
                     source="scikit-learn load_digits (UCI optdigits test set)")
+
+
+def _sklearn_digits():
+    """Read sklearn/datasets/data/digits.csv.gz directly: importing scikit-learn costs ~1 s."""
+    import importlib.util
+    spec = importlib.util.find_spec("sklearn")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            return np.loadtxt(path, delimiter=",")
+    from sklearn.datasets import load_digits  # a layout we do not know: the public API
+    bunch = load_digits()
+    return np.concatenate([bunch.data, bunch.target[:, None]], axis=1)
 
 
 _MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

@@ -256,7 +256,7 @@ def plot_curves(rows, path, groups=None):
                 ax.plot(*zip(*pts), marker="o", markersize=3, label=k)
         ax.set_title(title)
         ax.set_xlabel("epoch")
-        if title == "lr":
+        if title == "lr" and all(float(r["lr"]) > 0 for r in rows if r.get("lr") not in (None, "")):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         if len(keys) > 1:

@@ -116,7 +116,7 @@ def check(cfg, task):
     section = cfg.loss
     cls = LOSSES.get(section.name, where="loss.name")
     meta = LOSSES.meta(section.name)
-    check_kwargs(cls, section.extra, "loss", skip=("size_average", "reduce"))
+    check_kwargs(cls, section.extra, "loss", skip=("size_average", "reduce"), also=("name",), origins=cfg._origins)
     if task not in meta["tasks"]:
         serve = [n for n in LOSSES if task in LOSSES.meta(n)["tasks"]]
         reason = meta.get("refused") or f"it serves {', '.join(meta['tasks']) or 'no task of this package'}"

@@ -48,7 +48,8 @@ def check(cfg):
     o, s, t = cfg.optim, cfg.sched, cfg.train
     cls = OPTIMIZERS.get(o.name, where="optim.name")
     meta = OPTIMIZERS.meta(o.name)
-    check_kwargs(cls, o.extra, "optim", skip=("params", "lr", "weight_decay"))
+    check_kwargs(cls, o.extra, "optim", skip=("params", "lr", "weight_decay"), also=_fields(o),
+                 origins=cfg._origins)
     accepted = accepted_kwargs(cls, skip=("params",)) or []
     if o.weight_decay and "weight_decay" not in accepted:
         raise UserError(f"optim.weight_decay is set but {o.name} has no weight decay; remove it.")
@@ -69,9 +70,14 @@ def check(cfg):
                             "support closures); use bf16 or no.")
     sched = SCHEDULERS.get(s.name, where="sched.name")
     check_kwargs(sched, s.extra, "sched", skip=("optimizer", "total_steps", "steps_per_epoch", "warmup_steps",
-                                                "warmup_start", "epochs"))
+                                                "warmup_start", "epochs"), also=_fields(s), origins=cfg._origins)
     if s.name == "onecycle" and s.warmup_epochs and s.warmup_epochs >= t.epochs:
         raise UserError(f"sched.warmup_epochs={s.warmup_epochs} must be shorter than train.epochs={t.epochs}.")
+
+
+def _fields(section):
+    import dataclasses
+    return [f.name for f in dataclasses.fields(section) if f.name != "extra"]
 
 
 def _matches(name, patterns):

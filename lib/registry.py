@@ -89,12 +89,20 @@ def accepted_kwargs(fn, skip=()):
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in skip]
 
 
-def check_kwargs(fn, kwargs, where, skip=()):
-    """Raise UserError naming the first key of `kwargs` that `fn` does not accept."""
+def check_kwargs(fn, kwargs, where, skip=(), also=(), origins=None):
+    """Raise UserError naming the first key of `kwargs` that `fn` does not accept.
+
+    also: the section's own schema keys (valid, but not passed to fn), for the did-you-mean hint;
+    origins: config key -> where it was set, so the message names the file.
+    """
     accepted = accepted_kwargs(fn, skip)
     if accepted is None:
         return
     for key in kwargs:
         if key not in accepted:
-            raise UserError(f"{where}.{key} is not an option here{did_you_mean(key, accepted)}; "
-                            f"accepted: {choices_text(accepted) or 'none'}.")
+            source = (origins or {}).get(f"{where}.{key}")
+            at = f" (set in {source})" if source else ""
+            hint = did_you_mean(key, list(accepted) + list(also))
+            hint = hint.replace("'", f"'{where}.", 1) if hint else ""
+            raise UserError(f"{where}.{key}{at} is not an option here{hint}; "
+                            f"accepted: {choices_text(list(also) + accepted) or 'none'}.")

@@ -20,7 +20,8 @@ def check(cfg, task=None, kind=None):
     m = cfg.model
     builder = MODELS.get(m.name, where="model.name")
     meta = MODELS.meta(m.name)
-    check_kwargs(builder, m.extra, "model", skip=BUILT_IN_ARGS)
+    check_kwargs(builder, m.extra, "model", skip=BUILT_IN_ARGS,
+                 also=("name", "num_classes", "in_channels", "init", "weights"), origins=cfg._origins)
     if kind is not None and meta.get("input", "image") not in (kind, "any"):
         raise UserError(f"model.name={m.name} takes {meta.get('input', 'image')} inputs but data.name="
                         f"{cfg.data.name} gives {kind}s; pick a matching model or dataset.")

@@ -1,0 +1,116 @@
+"""Config: YAML + overrides + schema types + validation messages, and the exit-2 contract."""
+import time
+
+import pytest
+import yaml
+
+from helpers import REPO, script, user_error
+from lib import config
+from lib.errors import UserError
+
+
+def test_precedence_defaults_file_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("optim: {lr: 0.5, name: sgd}\ntrain: {epochs: 3}\n")
+    cfg = config.load(config.Config, f, ["optim.lr=1e-3", "model.init={name: xavier_uniform}"])
+    assert cfg.optim.lr == 0.001                      # command line beats the file; 1e-3 parsed as a number
+    assert cfg.optim.name == "sgd" and cfg.train.epochs == 3   # the file beats the defaults
+    assert cfg.data.batch_size == 256                 # defaults elsewhere
+    assert cfg.model.init == {"name": "xavier_uniform"}
+    assert cfg._origins["optim.lr"] == "the command line" and cfg._origins["optim.name"] == str(f)
+
+
+def test_open_sections_collect_builder_arguments(cfg_of):
+    cfg = cfg_of("optim.name=sgd", "optim.momentum=0.9", "loss.label_smoothing=0.1", "model.hidden=[64, 32]")
+    assert cfg.optim.extra == {"momentum": 0.9}
+    assert cfg.loss.extra == {"label_smoothing": 0.1}
+    assert cfg.model.extra == {"hidden": [64, 32]}
+    dumped = yaml.safe_load(config.dump(cfg))
+    assert dumped["optim"]["momentum"] == 0.9 and "extra" not in dumped["optim"]
+    assert config.to_dict(config.from_dict(config.Config, dumped)) == dumped   # round trip
+
+
+@pytest.mark.parametrize("override, words", [
+    ("optim.lrr=1", None),                                    # open section: caught by the signature check
+    ("optimizer.lr=1", ["unknown config key 'optimizer'", "did you mean 'optim'"]),
+    ("train.epoch=3", ["unknown config key 'train.epoch'", "did you mean 'train.epochs'"]),
+    ("train.epochs=ten", ["train.epochs must be an integer", "'ten'"]),
+    ("train.precision=fp32", ["train.precision must be one of no, fp16, bf16"]),
+    ("data.batch_size=0", ["data.batch_size", "must be at least 1"]),
+    ("data.classes=5", ["data.classes must be a list"]),
+    ("train.compile=maybe", ["train.compile must be true or false"]),
+    ("dist.gpus=a,b", ["dist.gpus", "must list GPU indices"]),
+    ("name=a/b", ["name", "plain folder name"]),
+])
+def test_bad_values_name_the_key(cfg_of, override, words):
+    if words is None:
+        cfg = cfg_of(override)
+        assert cfg.optim.extra == {"lrr": 1}
+        return
+    with pytest.raises(UserError) as e:
+        cfg_of(override)
+    for w in words:
+        assert w in str(e.value), str(e.value)
+    assert "the command line" in str(e.value)
+
+
+def test_yaml_words_and_numbers(cfg_of):
+    assert cfg_of("train.precision=no").train.precision == "no"   # YAML reads `no` as false
+    assert cfg_of("dist.gpus=2,3").dist.gpus == "2,3"
+    assert cfg_of("dist.gpus=[0, 2]").dist.gpus == "0,2"
+    assert cfg_of("train.clip_grad_norm=1").train.clip_grad_norm == 1.0
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        config.load(config.Config, tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: {lr: [1, 2\n")
+    with pytest.raises(UserError, match="not valid YAML at line"):
+        config.load(config.Config, bad)
+    code = tmp_path / "code.yaml"
+    code.write_text("name: !!python/object/apply:os.system ['touch pwned']\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        config.load(config.Config, code)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_help_is_fast_and_lists_keys(tmp_path):
+    t = time.perf_counter()
+    r = script("train.py", "--help", cwd=tmp_path)
+    elapsed = time.perf_counter() - t
+    assert r.returncode == 0 and "optim.lr" in r.stdout and "data.augment" in r.stdout
+    assert elapsed < 3.0, f"--help took {elapsed:.2f}s"
+
+
+def test_print_config_resolves_and_imports_no_optional_packages(tmp_path):
+    probe = ("import sys, runpy; sys.argv = ['train.py', '--print-config', 'optim.lr=0.05']\n"
+             f"sys.path.insert(0, {str(REPO)!r})\n"
+             "try:\n    runpy.run_path(" + repr(str(REPO / "train.py")) + ", run_name='__main__')\n"
+             "except SystemExit as e:\n    assert e.code == 0, e.code\n"
+             "bad = [m for m in ('deepspeed', 'wandb', 'matplotlib', 'torchvision') if m in sys.modules]\n"
+             "print('IMPORTED', bad)\n")
+    from helpers import run, PY
+    r = run([PY, "-c", probe], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "IMPORTED []" in r.stdout
+    cfg = yaml.safe_load(r.stdout.split("IMPORTED")[0])
+    assert cfg["optim"]["lr"] == 0.05 and cfg["model"]["name"] == "fashion_cnn"
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["optim.lrr=0.1"], ["optim.lrr (set in the command line) is not an option", "did you mean 'optim.lr'"]),
+    (["train.epochs=abc"], ["train.epochs must be an integer"]),
+    (["model.name=resnet19"], ["unknown model 'resnet19'", "did you mean 'resnet'"]),
+    (["data.name=csv", "data.csv=nowhere.csv"], ["data.csv=nowhere.csv: no such file"]),
+    (["data.name=fashion_mnist", "data.root=empty", "data.download=false"], ["fashion_mnist is not in", "put the four IDX files there"]),
+    (["loss.name=triplet_margin"], ["cannot train classification", "triplets"]),
+    (["--config", "nope.yaml"], ["config file nope.yaml does not exist"]),
+])
+def test_bad_configs_exit_2_with_one_sentence_and_write_nothing(tmp_path, args, words):
+    (tmp_path / "empty").mkdir()
+    message = user_error(script("train.py", *args, cwd=tmp_path))
+    for w in words:
+        assert w in message, message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"], "something was written"

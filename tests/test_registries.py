@@ -1,0 +1,461 @@
+"""Every registry entry (model, init, loss, optimizer, scheduler) exercised, plus the educational layers."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lib import config, losses, optim
+from lib.errors import UserError
+from lib.init import INITS, apply_init
+from lib.layers import CenteredLayer, Conv2D, DenseDict, DenseList, corr2d, pool2d
+from lib.losses import LOSSES, build_loss
+from lib.models import MODELS, build_model, load_weights
+from lib.models.tv import torchvision_names
+from lib.optim import OPTIMIZERS, SCHEDULERS, build_optimizer, build_scheduler
+from lib.registry import Registry
+
+
+def section(cls, **kw):
+    s = cls()
+    for k, v in kw.items():
+        if any(f == k for f in s.__dataclass_fields__):
+            setattr(s, k, v)
+        else:
+            s.extra[k] = v
+    return s
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry semantics
+# ---------------------------------------------------------------------------------------------
+
+def test_registry_duplicates_and_unknown_names():
+    r = Registry("thing")
+    r.add("alpha", 1)
+    with pytest.raises(ValueError, match="registered twice"):
+        r.add("alpha", 2)
+    with pytest.raises(UserError, match="unknown thing 'alpah' \\(did you mean 'alpha'\\?\\)"):
+        r.get("alpah")
+    assert r.names() == ["alpha"] and "alpha" in r and "beta" not in r
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+MODEL_CASES = {
+    "mlp": dict(input_shape=(1, 28, 28), extra={"hidden": [32, 16], "dropout": 0.1}),
+    "lenet": dict(input_shape=(1, 28, 28)),
+    "alexnet": dict(input_shape=(1, 224, 224)),
+    "fashion_cnn": dict(input_shape=(1, 28, 28)),
+    "convnet": dict(input_shape=(3, 32, 32), extra={"batch_norm": True}),
+    "resnet": dict(input_shape=(3, 32, 32), extra={"widths": [8, 16, 32, 64]}),
+    "lstm": dict(input_shape=(20, 1), num_classes=1),
+}
+TORCHVISION_CASES = ["resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5", "squeezenet1_1", "regnet_y_400mf"]
+
+
+def _forward_backward(model, shape, k):
+    x = torch.randn(2, *shape)
+    out = model(x)
+    assert out.shape == (2, k)
+    out.square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"no gradient for {missing[:3]}"
+
+
+@pytest.mark.parametrize("name", sorted(n for n in MODELS if not n.endswith("*")))
+def test_every_model_builds_and_trains(name):
+    case = MODEL_CASES[name]
+    shape = case["input_shape"]
+    k = case.get("num_classes", 7)
+    m = section(config.ModelCfg, name=name, **case.get("extra", {}))
+    model = build_model(m, num_classes=k, in_channels=shape[0], image_size=shape[-1], input_shape=shape)
+    again = build_model(m, num_classes=k, in_channels=shape[0], image_size=shape[-1], input_shape=shape)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values())), \
+        "same seed must give the same initial weights"
+    _forward_backward(model, shape, k)
+
+
+def test_every_registered_model_is_covered():
+    assert set(n for n in MODELS if not n.endswith("*")) == set(MODEL_CASES)
+
+
+@pytest.mark.parametrize("name", TORCHVISION_CASES)
+def test_torchvision_models(name):
+    m = section(config.ModelCfg, name=f"torchvision:{name}")
+    model = build_model(m, num_classes=5, in_channels=1, image_size=64, input_shape=(1, 64, 64))
+    _forward_backward(model, (1, 64, 64), 5)
+
+
+def test_torchvision_names_and_cifar_stem():
+    names = torchvision_names()
+    assert "resnet18" in names and "vit_b_16" in names and len(names) > 50
+    assert f"torchvision:{names[0]}" in MODELS
+    with pytest.raises(UserError, match="did you mean 'resnet18'"):
+        MODELS.get("torchvision:resnet81")
+    m = section(config.ModelCfg, name="torchvision:resnet18", cifar_stem=True)
+    model = build_model(m, num_classes=10, in_channels=3)
+    assert model.conv1.kernel_size == (3, 3) and isinstance(model.maxpool, nn.Identity)
+
+
+def test_our_resnet_loads_torchvision_weights(tmp_path):
+    import torchvision
+    tv = torchvision.models.resnet18(num_classes=10)
+    ours = build_model(section(config.ModelCfg, name="resnet", stem="imagenet"), num_classes=10, in_channels=3)
+    torch.save(tv.state_dict(), tmp_path / "tv.pth")
+    load_weights(ours, tmp_path / "tv.pth")
+    x = torch.randn(2, 3, 64, 64)
+    tv.eval(), ours.eval()
+    assert torch.allclose(tv(x), ours(x), atol=1e-5)
+
+
+def test_load_weights_reports_mismatch(tmp_path):
+    torch.save(nn.Linear(3, 2).state_dict(), tmp_path / "w.pt")
+    with pytest.raises(UserError, match="does not fit model"):
+        load_weights(build_model(section(config.ModelCfg, name="lenet"), num_classes=10, in_channels=1,
+                                 image_size=28), tmp_path / "w.pt")
+
+
+# ---------------------------------------------------------------------------------------------
+# Init schemes and per-layer policies
+# ---------------------------------------------------------------------------------------------
+
+def _net():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 4), nn.LSTM(4, 4))
+
+
+SCHEME_CHECKS = {
+    "default": ({}, lambda w, before: torch.equal(w, before)),
+    "uniform": ({"a": -0.1, "b": 0.1}, lambda w, b: w.abs().max() <= 0.1 and w.std() > 0.03),
+    "normal": ({"mean": 0.5, "std": 0.01}, lambda w, b: abs(w.mean() - 0.5) < 0.01),
+    "constant": ({"val": 0.3}, lambda w, b: torch.all(w == 0.3)),
+    "ones": ({}, lambda w, b: torch.all(w == 1)),
+    "zeros": ({}, lambda w, b: torch.all(w == 0)),
+    "eye": ({}, lambda w, b: torch.equal(w, torch.eye(*w.shape))),
+    "dirac": ({}, None),
+    "xavier_uniform": ({"gain": 1.0}, lambda w, b: abs(w.std() - math.sqrt(2 / sum(w.shape))) < 0.05),
+    "xavier_normal": ({}, lambda w, b: abs(w.std() - math.sqrt(2 / sum(w.shape))) < 0.05),
+    "kaiming_uniform": ({"nonlinearity": "relu"}, lambda w, b: abs(w.std() - math.sqrt(2 / w.shape[1])) < 0.05),
+    "kaiming_normal": ({"nonlinearity": "relu"}, lambda w, b: abs(w.std() - math.sqrt(2 / w.shape[1])) < 0.05),
+    "orthogonal": ({}, lambda w, b: torch.allclose(w @ w.T, torch.eye(w.shape[0]), atol=1e-5)),
+    "sparse": ({"sparsity": 0.5}, lambda w, b: ((w == 0).sum(0) >= w.shape[0] // 2).all()),
+    "trunc_normal": ({"std": 1.0, "a": -0.5, "b": 0.5}, lambda w, b: w.abs().max() <= 0.5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INITS.names()))
+def test_every_init_scheme(name):
+    args, ok = SCHEME_CHECKS[name]
+    if name == "dirac":   # identity convolution: output equals input
+        conv = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        apply_init(conv, {"name": "default", "conv": {"name": "dirac"}})
+        x = torch.randn(1, 3, 5, 5)
+        assert torch.allclose(conv(x), x)
+        return
+    layer = nn.Linear(64, 64)
+    before = layer.weight.detach().clone()
+    apply_init(layer, {"name": name, "bias": 0.25, **args})
+    assert ok(layer.weight.detach(), before), name
+    assert torch.all(layer.bias == 0.25)
+
+
+def test_init_policies_by_layer_type():
+    net = _net()
+    apply_init(net, {"name": "zeros", "bias": 1.0,
+                     "conv": {"name": "constant", "val": 2.0, "bias": 3.0},
+                     "norm": {"name": "normal", "mean": 1.0, "std": 0.02, "bias": 0.0},
+                     "rnn": {"name": "orthogonal"}})
+    conv, bn, lin, lstm = net[0], net[1], net[3], net[4]
+    assert torch.all(conv.weight == 2) and torch.all(conv.bias == 3)
+    assert abs(bn.weight.mean() - 1) < 0.05 and torch.all(bn.bias == 0)
+    assert torch.all(lin.weight == 0) and torch.all(lin.bias == 1)
+    w = lstm.weight_hh_l0.detach()
+    assert torch.allclose(w.T @ w, torch.eye(4), atol=1e-5)
+
+
+def test_init_refusals():
+    with pytest.raises(UserError, match="eye needs 2-D weights but 0.weight is 4-D"):
+        apply_init(_net(), {"name": "eye"})
+    with pytest.raises(UserError, match="unknown init scheme 'kaiming'"):
+        apply_init(_net(), {"name": "kaiming"})
+    with pytest.raises(UserError, match="model.init.gian is not an option"):
+        apply_init(_net(), {"name": "xavier_uniform", "gian": 2})
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------------
+
+def _natural_inputs(name):
+    """Inputs a refused loss takes in its own domain (to show the registry entry works)."""
+    a, p, n = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8), torch.randn(4, 8)
+    sign = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    return {
+        "ctc": (torch.randn(12, 2, 5, requires_grad=True).log_softmax(2), torch.randint(1, 5, (2, 4)),
+                torch.full((2,), 12), torch.full((2,), 4)),
+        "margin_ranking": (a[:, 0], p[:, 0], sign),
+        "hinge_embedding": (a, torch.ones(4, 8)),
+        "cosine_embedding": (a, p, sign),
+        "triplet_margin": (a, p, n),
+        "triplet_margin_with_distance": (a, p, n),
+        "gaussian_nll": (a, p, torch.ones(4, 8)),
+        "poisson_nll": (a, p.abs()),
+    }.get(name)
+
+
+@pytest.mark.parametrize("name", LOSSES.names())
+def test_every_loss(name):
+    meta = LOSSES.meta(name)
+    cfg = config.load(config.Config, None, [f"loss.name={name}"])
+    if "classification" in meta["tasks"]:
+        losses.check(cfg, "classification")
+        fn = build_loss(cfg.loss, "classification")
+        logits = torch.randn(6, 5, requires_grad=True)
+        loss = fn(logits, torch.randint(0, 5, (6,)))
+        loss.backward()
+        assert loss.dim() == 0 and torch.isfinite(loss) and logits.grad.abs().sum() > 0
+    else:
+        with pytest.raises(UserError, match="cannot train classification"):
+            losses.check(cfg, "classification")
+    if "regression" in meta["tasks"]:
+        losses.check(cfg, "regression")
+        pred = torch.randn(6, 3, requires_grad=True)
+        loss = build_loss(cfg.loss, "regression")(pred, torch.rand(6, 3))
+        loss.backward()
+        assert torch.isfinite(loss) and pred.grad is not None
+    if not meta["tasks"]:
+        if name == "linear_cross_entropy":
+            return  # a fused projection + loss; refused everywhere (message tested above)
+        loss = LOSSES.get(name)()(*_natural_inputs(name))
+        assert torch.isfinite(loss)
+
+
+def test_loss_options_and_our_losses():
+    cfg = config.load(config.Config, None, ["loss.label_smoothing=0.2", "loss.weight=[1, 2, 3]"])
+    fn = build_loss(cfg.loss, "classification")
+    logits, y = torch.randn(5, 3), torch.tensor([0, 1, 2, 1, 0])
+    ref = F.cross_entropy(logits, y, label_smoothing=0.2, weight=torch.tensor([1.0, 2.0, 3.0]))
+    assert torch.allclose(fn(logits, y), ref)
+    with pytest.raises(UserError, match="loss.label_smothing.*did you mean 'loss.label_smoothing'"):
+        losses.check(config.load(config.Config, None, ["loss.label_smothing=0.1"]), "classification")
+    with pytest.raises(UserError, match="reduction=sum is not supported"):
+        losses.check(config.load(config.Config, None, ["loss.reduction=sum"]), "classification")
+    focal0 = LOSSES.get("focal")(gamma=0.0)
+    assert torch.allclose(focal0(logits, y), F.cross_entropy(logits, y))
+    # regress_l2: x (B, D) against y (B, K, D): sum over K and D of squared distances, mean over B
+    x, t = torch.randn(4, 3), torch.randn(4, 2, 3)
+    expected = sum(((x[b] - t[b, k]) ** 2).sum() for b in range(4) for k in range(2)) / 4
+    assert torch.allclose(LOSSES.get("regress_l2")()(x, t), expected)
+
+
+def test_loss_snake_names():
+    assert losses.snake("BCEWithLogitsLoss") == "bce_with_logits"
+    assert losses.snake("KLDivLoss") == "kl_div"
+    assert losses.snake("MultiLabelSoftMarginLoss") == "multilabel_soft_margin"
+    assert losses.snake("SmoothL1Loss") == "smooth_l1"
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizers and parameter groups
+# ---------------------------------------------------------------------------------------------
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 3))
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS.names())
+def test_every_optimizer(name):
+    o = section(config.OptimCfg, name=name, lr=0.01)
+    meta = OPTIMIZERS.meta(name)
+    model = _mlp()
+    if meta["sparse"]:
+        with pytest.raises(UserError, match="only updates sparse gradients"):
+            build_optimizer(o, model)
+        emb = nn.Embedding(10, 4, sparse=True)
+        opt = OPTIMIZERS.get(name)(emb.parameters(), lr=0.1)
+        emb(torch.tensor([1, 2])).sum().backward()
+        opt.step()
+        return
+    if meta["matrices_only"]:
+        with pytest.raises(UserError, match="only optimizes 2-D weight matrices"):
+            build_optimizer(o, model)
+        model = nn.Sequential(nn.Linear(8, 16, bias=False), nn.ReLU(), nn.Linear(16, 3, bias=False))
+    opt = build_optimizer(o, model)
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    first = closure().item()
+    for _ in range(5):
+        if optim.needs_closure(opt):
+            opt.step(closure)
+        else:
+            closure()
+            opt.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert F.cross_entropy(model(x), y).item() < first
+
+
+def test_lbfgs_refusals(cfg_of):
+    with pytest.raises(UserError, match="grad_accum"):
+        optim.check(cfg_of("optim.name=lbfgs", "train.grad_accum=2"))
+    with pytest.raises(UserError, match="fp16"):
+        optim.check(cfg_of("optim.name=lbfgs", "train.precision=fp16"))
+
+
+def test_param_groups_by_module_patterns():
+    from lib.models.resnet import ResNet
+    model = ResNet(num_classes=5, widths=(8, 8, 8, 8))
+    o = section(config.OptimCfg, name="sgd", lr=0.1, weight_decay=1e-4, no_decay_norm_bias=True,
+                param_groups=[{"params": "fc.*", "lr": 1e-2}, {"params": ["layer4"], "lr": 1e-5, "momentum": 0.5}],
+                momentum=0.9)
+    opt = build_optimizer(o, model)
+    by_lr = {}
+    for g in opt.param_groups:
+        by_lr.setdefault(g["lr"], []).append(g)
+    fc_ids = {id(p) for p in model.fc.parameters()}
+    assert {id(p) for g in by_lr[1e-2] for p in g["params"]} == fc_ids
+    l4 = {id(p) for p in model.layer4.parameters()}
+    assert {id(p) for g in by_lr[1e-5] for p in g["params"]} == l4
+    assert all(g["momentum"] == 0.5 for g in by_lr[1e-5])
+    for g in opt.param_groups:   # biases and batch-norm parameters have no weight decay
+        assert g["weight_decay"] == (0.0 if all(p.dim() == 1 for p in g["params"]) else 1e-4)
+    covered = sum(len(g["params"]) for g in opt.param_groups)
+    assert covered == len(list(model.parameters()))
+    bad = section(config.OptimCfg, name="sgd", param_groups=[{"params": "head.*"}])
+    with pytest.raises(UserError, match="matches no trainable parameter"):
+        build_optimizer(bad, model)
+
+
+def test_frozen_parameters_are_left_out():
+    model = _mlp()
+    model[0].requires_grad_(False)
+    opt = build_optimizer(section(config.OptimCfg, name="adam"), model)
+    ids = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not ids & {id(p) for p in model[0].parameters()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedulers
+# ---------------------------------------------------------------------------------------------
+
+def _lrs(name, steps=100, per_epoch=10, warmup=0.0, **kw):
+    opt = torch.optim.SGD(_mlp().parameters(), lr=1.0, momentum=0.9)
+    s = section(config.SchedCfg, name=name, warmup_epochs=warmup, **kw)
+    sched = build_scheduler(s, opt, steps_per_epoch=per_epoch, total_steps=steps)
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out, opt, sched
+
+
+@pytest.mark.parametrize("name", SCHEDULERS.names())
+def test_every_scheduler(name):
+    lrs, opt, sched = _lrs(name, warmup=1.0 if name != "onecycle" else 0.0)
+    plain, _, _ = _lrs(name)
+    expect = {
+        "none": lambda l: l[10:] == [1.0] * 90,
+        "step": lambda l: l[15] == 1.0,                       # step_size 30 epochs > 10 epochs here
+        "multistep": lambda l: l[50] == 1.0,
+        "exponential": lambda l: abs(l[50] - 0.95 ** 5) < 1e-9,
+        "cosine": lambda l: abs(l[55] - 0.5) < 0.02 and l[-1] < 0.01,   # cosine over the 90 steps after warmup
+        "linear": lambda l: abs(l[55] - 0.5) < 0.02,
+        "onecycle": lambda l: abs(max(l) - 1.0) < 1e-6 and l[0] < 0.05 and l[-1] < 1e-3,
+    }[name]
+    assert expect(lrs), lrs[::10]
+    if name != "onecycle":                                   # linear warmup over the first epoch
+        main = 1.0 if name in ("cosine", "linear") else plain[5]   # these two decay after the warmup
+        assert lrs[0] == 0.0 and abs(lrs[5] - 0.5 * main) < 1e-9
+    # resumable: a fresh scheduler loaded from the state dict continues identically
+    opt2 = torch.optim.SGD(_mlp().parameters(), lr=1.0, momentum=0.9)
+    s2 = build_scheduler(section(config.SchedCfg, name=name, warmup_epochs=1.0 if name != "onecycle" else 0.0),
+                         opt2, steps_per_epoch=10, total_steps=100)
+    state = sched.state_dict()
+    torch.save(state, "/dev/null")
+    s2.load_state_dict(state)
+    opt2.load_state_dict(opt.state_dict())
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+
+
+def test_step_schedules_in_epochs():
+    lrs, _, _ = _lrs("step", step_size=2, gamma=0.5)
+    assert lrs[19] == 1.0 and lrs[20] == 0.5 and lrs[40] == 0.25
+    lrs, _, _ = _lrs("multistep", milestones=[3, 7], gamma=0.1)
+    assert lrs[29] == 1.0 and abs(lrs[30] - 0.1) < 1e-12 and abs(lrs[70] - 0.01) < 1e-12
+
+
+def test_checkpoint_states_load_weights_only(tmp_path):
+    """Scheduler and optimizer states of every kind load with weights_only=True."""
+    for name in SCHEDULERS.names():
+        _, opt, sched = _lrs(name, steps=5)
+        torch.save({"s": sched.state_dict(), "o": opt.state_dict()}, tmp_path / "s.pt")
+        torch.load(tmp_path / "s.pt", weights_only=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The educational layers against torch's own ops
+# ---------------------------------------------------------------------------------------------
+
+def test_corr2d_and_conv2d_match_torch():
+    x, k = torch.randn(7, 9), torch.randn(3, 2)
+    assert torch.allclose(corr2d(x, k), F.conv2d(x[None, None], k[None, None])[0, 0], atol=1e-5)
+    layer = Conv2D((2, 2))
+    ref = F.conv2d(x[None, None], layer.weight[None, None], layer.bias)[0, 0]
+    assert torch.allclose(layer(x), ref, atol=1e-5)
+
+
+def test_conv2d_learns_an_edge_detector():
+    """d2l.ai 7.2.4: learn the kernel [1, -1] from input/output pairs."""
+    x = torch.ones(6, 8)
+    x[:, 2:6] = 0
+    y = corr2d(x, torch.tensor([[1.0, -1.0]]))
+    torch.manual_seed(0)
+    layer = Conv2D((1, 2))
+    for _ in range(300):
+        loss = ((layer(x) - y) ** 2).sum()
+        layer.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            for p in layer.parameters():
+                p -= 0.01 * p.grad
+    assert torch.allclose(layer.weight.detach(), torch.tensor([[1.0, -1.0]]), atol=0.05)
+
+
+def test_pool2d_matches_torch():
+    x = torch.randn(6, 7)
+    assert torch.allclose(pool2d(x, (2, 3), "max"), F.max_pool2d(x[None, None], (2, 3), stride=1)[0, 0])
+    assert torch.allclose(pool2d(x, (2, 3), "avg"), F.avg_pool2d(x[None, None], (2, 3), stride=1)[0, 0], atol=1e-6)
+
+
+def test_dense_layers_match_linear_algebra():
+    torch.manual_seed(0)
+    dense = DenseList([5, 4, 3])
+    x = torch.randn(2, 5)
+    ref = torch.relu(x @ dense.weights[0] + dense.biases[0]) @ dense.weights[1] + dense.biases[1]
+    assert torch.allclose(dense(x), ref) and len(list(dense.parameters())) == 4
+    d = DenseDict({"linear1": (5, 4), "linear2": (5, 2)})
+    assert d(x, "linear2").shape == (2, 2) and torch.allclose(d(x, "linear1"), x @ d.params["linear1"])
+    lin = nn.Linear(5, 4)
+    single = DenseList([5, 4])
+    with torch.no_grad():
+        single.weights[0].copy_(lin.weight.T)
+        single.biases[0].copy_(lin.bias)
+    assert torch.allclose(single(x), lin(x), atol=1e-6)
+
+
+def test_centered_layer():
+    y = CenteredLayer()(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]))
+    assert torch.allclose(y, torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0]))
+    net = nn.Sequential(nn.Linear(8, 16), CenteredLayer())
+    assert abs(net(torch.rand(4, 8)).mean().item()) < 1e-6
