@@ -6,6 +6,7 @@
     accelerate launch --config_file configs/accelerate/ddp.yaml train.py --config configs/resnet18_cifar10.yaml
     python train.py --config X.yaml --print-config             # the resolved config; no work done
 """
+import json
 import math
 import os
 import sys
@@ -55,19 +56,18 @@ def main(cfg):
     def evaluate():
         return engine.evaluate(rt.eval_model(model), data.val, loss_fn, rt, task, inputs["num_classes"])
 
-    if cfg.train.eval_only:
-        metrics = evaluate()
-        metrics.pop("confusion", None)
-        rt.print0("eval: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        rt.shutdown()
-        return metrics
-
     # 6) Resume where the run stopped (if it did), then write config.yaml and env.json.
     state = engine.LoopState()
     objects = {"model": rt.unwrap(model), "optimizer": optimizer, "scheduler": scheduler, "scaler": rt.scaler}
     if run.restore(objects, state):
         rt.print0(f"resumed from {run.resumed_from} at epoch {state.epoch + 1}, batch {state.batch}, "
                   f"step {state.step}")
+    if cfg.train.eval_only:                             # evaluate the loaded weights; write nothing
+        metrics = evaluate()
+        metrics.pop("confusion", None)
+        rt.print0("eval: " + json.dumps(metrics))
+        rt.shutdown()
+        return metrics
     run.create(rt.env_info())
     log = logging.RunLogger(run.dir, cfg, rt, state, lr_fn=lambda: optimizer.param_groups[0]["lr"],
                             classes=data.spec.classes, started=cfg._started)

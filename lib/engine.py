@@ -49,7 +49,7 @@ class Meter:
             v = v.detach().double() if torch.is_tensor(v) else torch.tensor(float(v), dtype=torch.float64)
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
 
-    def read(self, rt, reset=False):
+    def read(self, rt, reset=False, keep_count=False):
         """Mean of each key over all samples of all ranks (a collective: every rank must call it)."""
         if not self.sums:
             return {}
@@ -61,7 +61,8 @@ class Meter:
         count = values.pop("count", 0.0)
         if reset:
             self.sums = {}
-        return {k: v / count if count else float("nan") for k, v in values.items()}
+        out = {k: v / count if count else float("nan") for k, v in values.items()}
+        return {**out, "samples": int(count)} if keep_count else out
 
 
 def classification_stats(out, y, loss):
@@ -110,7 +111,7 @@ def evaluate(model, loader, loss_fn, rt, task, num_classes=None):
         empty = torch.zeros(0, num_classes, device=rt.device)
         target = torch.zeros(0, dtype=torch.long, device=rt.device) if task == "classification" else empty
         meter.add(STATS[task](empty, target, torch.zeros((), device=rt.device)))
-    values = meter.read(rt)
+    values = meter.read(rt, keep_count=True)
     model.train(was_training)
     out = {f"val/{k}": v for k, v in values.items()}
     if confusion is not None:
@@ -218,7 +219,7 @@ def fit(*, cfg, rt, run, log, state, train_loader, step_fn, eval_fn, objects, lr
             log.log_epoch(state, metrics, improved, confusion)
             every = cfg.checkpoint.every_epochs
             if finished or improved or (every and state.epoch % every == 0):
-                run.save(objects, state, best=improved)
+                run.save(objects, state, best=improved, metrics=metrics)
     finally:
         rt.restore_signal_handlers()
     return metrics

@@ -122,7 +122,7 @@ class RunLogger:
         self.rows = [r for r in self.rows if int(float(r["epoch"])) < metrics["epoch"]]
         self.rows.append({k: _round(v) for k, v in metrics.items()})
         self._write_csv()
-        shown = {k: v for k, v in metrics.items() if "/" in k}
+        shown = {k: v for k, v in metrics.items() if "/" in k and not k.endswith("/samples")}
         line = "  ".join(f"{k} {_fmt(v)}" for k, v in shown.items())
         mark = "  (best)" if improved else ""
         print(f"epoch {metrics['epoch']}/{self.cfg.train.epochs}  step {metrics['step']}  {line}  "
@@ -169,7 +169,7 @@ class RunLogger:
             return
         if self.cfg.log.plots:
             self.plot()
-        keys = [k for k in metrics if k.startswith("val/") or k in ("train/loss",)]
+        keys = [k for k in metrics if (k.startswith("val/") or k == "train/loss") and not k.endswith("/samples")]
         summary = ", ".join(f"{k} {_fmt(metrics[k])}" for k in keys)
         first = f", first step after {self.first_step_s:.1f}s" if self.first_step_s else ""
         total = time.time() - self.started
@@ -200,8 +200,10 @@ def _start_wandb(run_dir, cfg, rt):
     w = cfg.log.wandb
     id_file = Path(run_dir) / "wandb_id.txt"
     try:
+        import secrets
+
         import wandb
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
         run = wandb.init(project=w.project or cfg.name, entity=w.entity, name=cfg.name, id=run_id, resume="allow",
                          dir=str(run_dir), mode=w.mode, tags=w.tags, config=_wandb_config(cfg),
                          settings=wandb.Settings(init_timeout=60, silent=True))

@@ -183,11 +183,7 @@ class Runtime:
         self.is_main = acc.is_main_process
         self.precision = precision
         self.notes = notes
-        expected = int(os.environ.get("WORLD_SIZE", "1"))
-        if self.world_size != expected:
-            raise UserError(f"the launcher started {expected} processes but training sees {self.world_size} "
-                            f"(distributed type {acc.distributed_type.name}); check the launch command "
-                            f"and that every process can reach MASTER_ADDR.")
+        check_world_size(int(os.environ.get("WORLD_SIZE", "1")), self.world_size, acc.distributed_type.name)
         self.amp_dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16" and not self.deepspeed)
         self._control_group = None
@@ -547,6 +543,14 @@ def setup(cfg, notes=(), broadcast_buffers=True):
     CURRENT = rt
     rt.seed(cfg.seed)
     return rt
+
+
+def check_world_size(launched, seen, kind):
+    """Training must see every process the launcher started (Accelerate without cpu=True on a CUDA-less
+    machine silently runs N independent single-process jobs; we refuse that)."""
+    if launched != seen:
+        raise UserError(f"the launcher started {launched} processes but training sees {seen} (distributed type "
+                        f"{kind}); check the launch command and that every process can reach MASTER_ADDR.")
 
 
 def slurm_job_id(env=None):

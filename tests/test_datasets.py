@@ -1,0 +1,246 @@
+"""Every dataset through files in its real on-disk format, the loaders' sharding and exactness, and
+bad data reported with the file / line it comes from."""
+import gzip
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import helpers
+from lib import config
+from lib.datasets import DATASETS, build_data, read_idx, shard_indices
+from lib.errors import UserError
+
+
+def data_cfg(tmp_path, *overrides):
+    return config.load(config.Config, None, [f"data.root={tmp_path}", "data.num_workers=0", *overrides])
+
+
+def _check_batches(data, channels, size, num_classes):
+    x, y = next(iter(data.train))
+    assert x.dtype == torch.float32 and x.shape[1:] == (channels, size, size)
+    assert y.dtype == torch.int64 and int(y.max()) < num_classes
+    total = sum(len(b[1]) for b in data.val)
+    assert total == len(data.spec.val)
+    return x
+
+
+def test_digits_is_offline_and_resized(tmp_path):
+    data = build_data(data_cfg(tmp_path, "data.image_size=32"))
+    assert (len(data.spec.train), len(data.spec.val)) == (1438, 359) and data.loader == "memory"
+    x = _check_batches(data, 1, 32, 10)
+    assert abs(float(x.mean())) < 0.3 and 0.6 < float(x.std()) < 1.4     # normalized
+
+
+@pytest.mark.parametrize("name, folder, gz", [("fashion_mnist", "FashionMNIST", True), ("mnist", "MNIST", False)])
+def test_mnist_like_from_idx_files(tmp_path, name, folder, gz):
+    helpers.write_mnist_like(tmp_path, folder, n_train=300, n_val=100, gz=gz)
+    data = build_data(data_cfg(tmp_path, f"data.name={name}", "data.download=false"))
+    assert (len(data.spec.train), len(data.spec.val)) == (300, 100)
+    assert data.spec.classes[0] == ("T-shirt/top" if name == "fashion_mnist" else "0")
+    _check_batches(data, 1, 28, 10)
+    raw = read_idx(tmp_path / folder / "raw" / ("train-images-idx3-ubyte" + (".gz" if gz else "")))
+    assert raw.shape == (300, 28, 28)
+    assert torch.equal(data.spec.train.x[:, 0], torch.from_numpy(raw.copy()))   # bytes preserved
+
+
+def test_cifar10_from_python_batches(tmp_path):
+    helpers.write_cifar10(tmp_path, n_per_batch=40, n_val=50)
+    data = build_data(data_cfg(tmp_path, "data.name=cifar10", "data.image_size=32", "data.augment=crop_flip"))
+    assert (len(data.spec.train), len(data.spec.val)) == (200, 50) and data.spec.channels == 3
+    _check_batches(data, 3, 32, 10)
+
+
+def test_cifar10_batches_cannot_run_code(tmp_path):
+    import pickle
+    helpers.write_cifar10(tmp_path, n_per_batch=10, n_val=10)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_1", "wb") as f:
+        pickle.dump({"data": Evil(), "labels": [0]}, f)
+    with pytest.raises(UserError, match="not a readable CIFAR-10 batch"):
+        build_data(data_cfg(tmp_path, "data.name=cifar10", "data.cache=false"))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_pixel_csv_with_and_without_val_csv(tmp_path):
+    helpers.write_pixel_csv(tmp_path / "train.csv", n=200)
+    helpers.write_pixel_csv(tmp_path / "test.csv", n=60, seed=9)
+    data = build_data(data_cfg(tmp_path, "data.name=csv", f"data.csv={tmp_path / 'train.csv'}",
+                               f"data.val_csv={tmp_path / 'test.csv'}"))
+    assert (len(data.spec.train), len(data.spec.val)) == (200, 60)
+    _check_batches(data, 1, 28, 10)
+    split = build_data(data_cfg(tmp_path, "data.name=csv", f"data.csv={tmp_path / 'train.csv'}"))
+    assert (len(split.spec.train), len(split.spec.val)) == (160, 40)
+
+
+def test_pixel_csv_errors_name_the_line(tmp_path):
+    path = helpers.write_pixel_csv(tmp_path / "bad.csv", n=20)
+    lines = path.read_text().splitlines()
+    lines[6] = lines[6].rsplit(",", 1)[0]                     # a short row: line 7 of the file
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match="bad.csv line 7 has 784 values but the first row has 785"):
+        build_data(data_cfg(tmp_path, "data.name=csv", f"data.csv={path}"))
+    lines = helpers.write_pixel_csv(tmp_path / "lab.csv", n=20).read_text().splitlines()
+    lines[4] = "12" + lines[4][1:]                            # label 12 on line 5
+    (tmp_path / "lab.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match=r"lab.csv line 5: label 12 is outside \[0, 10\)"):
+        build_data(data_cfg(tmp_path, "data.name=csv", f"data.csv={tmp_path / 'lab.csv'}", "model.num_classes=10"))
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_image_csv_with_split_lists(tmp_path, named):
+    root = helpers.write_image_csv(tmp_path / "ds", n=80, size=16, named_labels=named)
+    args = ["data.name=image_csv", f"data.csv={root / 'labels.csv'}", f"data.images={root / 'images'}",
+            f"data.split_list={root / 'train_list.txt'}", "data.image_size=16"]
+    data = build_data(data_cfg(tmp_path, *args))
+    assert (len(data.spec.train), len(data.spec.val)) == (60, 20)       # the rest of the rows is validation
+    if named:
+        assert data.spec.classes[0] == "digit_0"
+    _check_batches(data, 1, 16, data.spec.num_classes)
+    both = build_data(data_cfg(tmp_path, *args, f"data.val_list={root / 'test_list.txt'}", "data.loader=dataloader"))
+    assert both.loader == "dataloader" and len(both.spec.val) == 20
+    _check_batches(both, 1, 16, data.spec.num_classes)
+
+
+def test_image_csv_errors(tmp_path):
+    root = helpers.write_image_csv(tmp_path / "ds", n=20, size=8)
+    base = ["data.name=image_csv", f"data.csv={root / 'labels.csv'}", f"data.images={root / 'images'}"]
+    with pytest.raises(UserError, match="has no column 'Image_idx'.*did you mean 'Image_index'"):
+        build_data(data_cfg(tmp_path, *base, "data.image_col=Image_idx"))
+    (root / "bad_list.txt").write_text("img_0000.png\nnot_there.png\n")
+    with pytest.raises(UserError, match="lists 'not_there.png'"):
+        build_data(data_cfg(tmp_path, *base, f"data.split_list={root / 'bad_list.txt'}"))
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_image_folder_memory_and_dataloader_give_the_same_batches(tmp_path, split):
+    root = helpers.write_image_folder(tmp_path / "folder", n=60, size=16, split=split)
+    args = ["data.name=image_folder", f"data.images={root}", "data.image_size=16", "data.batch_size=8",
+            "data.augment=crop_flip"]
+    mem = build_data(data_cfg(tmp_path, *args))
+    dl = build_data(data_cfg(tmp_path, *args, "data.loader=dataloader", "data.num_workers=2"))
+    assert mem.loader == "memory" and dl.loader == "dataloader" and mem.spec.num_classes == 10
+    for loader_a, loader_b in ((mem.train, dl.train), (mem.val, dl.val)):
+        for epoch in (0, 1):
+            loader_a.set_epoch(epoch)
+            loader_b.set_epoch(epoch)
+            for (xa, ya), (xb, yb) in zip(loader_a, loader_b):
+                assert torch.equal(ya, yb) and torch.allclose(xa, xb, atol=1e-6)
+
+
+def test_bad_image_is_named_or_skipped(tmp_path):
+    root = helpers.write_image_folder(tmp_path / "folder", n=40, size=16, split=False)
+    victim = sorted((root / "class_3").glob("*.png"))[0]
+    victim.write_bytes(victim.read_bytes()[:40])               # truncated PNG
+    args = ["data.name=image_folder", f"data.images={root}", "data.image_size=16", "data.cache=false"]
+    for loader in ("memory", "dataloader"):
+        with pytest.raises(UserError, match=f"could not read image .*{victim.name}"):
+            data = build_data(data_cfg(tmp_path, *args, f"data.loader={loader}"))
+            for _ in data.train:
+                pass
+            for _ in data.val:
+                pass
+    data = build_data(data_cfg(tmp_path, *args, "data.on_bad_sample=skip"))
+    assert data.spec.skipped == 1 and len(data.spec.train) + len(data.spec.val) == 39
+
+
+def test_synthetic_and_sine(tmp_path):
+    syn = build_data(data_cfg(tmp_path, "data.name=synthetic", "data.image_size=12", "data.num_samples=100",
+                              "data.channels=3"))
+    _check_batches(syn, 3, 12, 10)
+    sine = build_data(data_cfg(tmp_path, "data.name=sine", "data.num_samples=64", "data.seq_len=10"))
+    x, y = next(iter(sine.train))
+    assert sine.spec.task == "regression" and x.shape[1:] == (10, 1) and y.shape[1:] == (1,)
+
+
+def test_every_dataset_is_covered():
+    tested = {"digits", "fashion_mnist", "mnist", "cifar10", "csv", "image_csv", "image_folder", "synthetic", "sine"}
+    assert set(DATASETS) == tested
+
+
+def test_missing_dataset_offline_says_where_to_put_files(tmp_path):
+    with pytest.raises(UserError, match=f"{tmp_path}.*put the four IDX files there"):
+        build_data(data_cfg(tmp_path, "data.name=fashion_mnist", "data.download=false"))
+    with pytest.raises(UserError, match="cifar-10-batches-py"):
+        build_data(data_cfg(tmp_path, "data.name=cifar10", "data.download=false"))
+
+
+def test_truncated_idx_file(tmp_path):
+    helpers.write_mnist_like(tmp_path, "MNIST", n_train=50, n_val=20, gz=True)
+    path = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte.gz"
+    raw = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(raw[:-100]))
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        build_data(data_cfg(tmp_path, "data.name=mnist", "data.download=false"))
+
+
+def test_class_subset_relabels(tmp_path):
+    data = build_data(data_cfg(tmp_path, "data.classes=[5, 6, 7, 8, 9]"))
+    assert data.spec.num_classes == 5 and data.spec.classes == ["5", "6", "7", "8", "9"]
+    assert set(data.spec.train.y.tolist()) == {0, 1, 2, 3, 4}
+    full = build_data(data_cfg(tmp_path))
+    assert len(data.spec.train) == int((full.spec.train.y >= 5).sum())
+
+
+def test_decode_cache_is_reused_and_invalidated(tmp_path):
+    path = helpers.write_pixel_csv(tmp_path / "train.csv", n=100)
+    args = ["data.name=csv", f"data.csv={path}"]
+    build_data(data_cfg(tmp_path, *args))
+    cached = list((tmp_path / ".cache").glob("csv-*.pt"))
+    assert len(cached) == 1
+    t = time.perf_counter()
+    build_data(data_cfg(tmp_path, *args))
+    assert time.perf_counter() - t < 2.0
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:51]) + "\n")              # the source changes: decoded again
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert len(build_data(data_cfg(tmp_path, *args)).spec.train) == 40
+    assert len(list((tmp_path / ".cache").glob("csv-*.pt"))) == 1 and not cached[0].exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharding: exact, reproducible, resumable
+# ---------------------------------------------------------------------------------------------
+
+def test_training_shards_are_disjoint_and_cover_the_epoch():
+    n, world = 103, 4
+    shards = [shard_indices(n, epoch=3, seed=7, shuffle=True, train=True, rank=r, world=world) for r in range(world)]
+    assert all(len(s) == n // world for s in shards)
+    union = torch.cat(shards)
+    assert len(set(union.tolist())) == len(union) == 100
+    again = shard_indices(n, epoch=3, seed=7, shuffle=True, train=True, rank=0, world=world)
+    other = shard_indices(n, epoch=4, seed=7, shuffle=True, train=True, rank=0, world=world)
+    assert torch.equal(shards[0], again) and not torch.equal(shards[0], other)   # f(seed, epoch)
+
+
+def test_evaluation_shards_count_every_sample_once():
+    n = 101
+    for world in (1, 2, 3, 8):
+        shards = [shard_indices(n, epoch=0, seed=1, shuffle=True, train=False, rank=r, world=world)
+                  for r in range(world)]
+        assert sorted(torch.cat(shards).tolist()) == list(range(n))
+
+
+def test_loader_resumes_mid_epoch_with_the_same_batches(tmp_path):
+    data = build_data(data_cfg(tmp_path, "data.batch_size=64", "data.augment=crop"))
+    data.train.set_epoch(2)
+    full = [(x.clone(), y.clone()) for x, y in data.train]
+    data.train.set_epoch(2, start_batch=5)
+    rest = list(data.train)
+    assert len(rest) == len(full) - 5
+    for (xa, ya), (xb, yb) in zip(full[5:], rest):
+        assert torch.equal(ya, yb) and torch.equal(xa, xb)
+
+
+def test_train_runs_on_real_files_end_to_end(tmp_path):
+    """A user's run on FashionMNIST-format files: downloaded nothing, trained, wrote the run directory."""
+    helpers.write_mnist_like(tmp_path / "data", "FashionMNIST", n_train=512, n_val=128)
+    out = helpers.ok(helpers.script("train.py", "--config", helpers.REPO / "configs/lenet.yaml", "train.epochs=2",
+                                    "data.download=false", "data.batch_size=64", "optim.lr=0.5", cwd=tmp_path))
+    assert "fashion_mnist: 512 train / 128 val" in out
+    assert (tmp_path / "runs" / "lenet" / "checkpoints" / "last.pt").exists()

@@ -1,0 +1,85 @@
+"""Several processes on this CPU (gloo): the same numbers as one process, exact evaluation, both launchers."""
+import json
+
+import pytest
+import torch
+
+import helpers
+from helpers import ok, script, state_dict, torchrun
+from lib import config, runtime
+from lib.errors import UserError
+
+SAME = ["model.name=mlp", "model.hidden=[64]", "data.shuffle=false", "train.epochs=2", "sched.name=cosine",
+        "optim.name=sgd", "optim.lr=0.1", "optim.momentum=0.9"]
+
+
+def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(tmp_path):
+    ok(script("train.py", *SAME, "name=one", "data.batch_size=64", cwd=tmp_path))
+    out = ok(torchrun("train.py", *SAME, "name=two", "data.batch_size=32", cwd=tmp_path))
+    assert "DDP, 2 process(es)" in out
+    one = state_dict(tmp_path / "runs/one/checkpoints/last.pt")
+    two = state_dict(tmp_path / "runs/two/checkpoints/last.pt")
+    assert one["step"] == two["step"] == 46 and two["world_size"] == 2 and len(two["rng"]) == 2
+    for k in one["model"]:
+        assert torch.allclose(one["model"][k], two["model"][k], atol=1e-5), k
+    assert one["metrics"]["val/acc"] > 0.9
+
+
+def test_evaluation_is_exact_across_process_counts(tmp_path):
+    """359 validation samples, 2 processes x 16 per batch: nothing padded, nothing counted twice."""
+    ok(script("train.py", *SAME, "train.epochs=1", cwd=tmp_path))
+    common = [*SAME, "train.epochs=1", "data.eval_batch_size=16", "--eval-only"]
+    one = json.loads(ok(script("train.py", *common, cwd=tmp_path)).split("eval: ")[1].splitlines()[0])
+    two = json.loads(ok(torchrun("train.py", *common, cwd=tmp_path)).split("eval: ")[1].splitlines()[0])
+    assert one["val/samples"] == two["val/samples"] == 359
+    assert one["val/acc"] == two["val/acc"] and one["val/top5"] == two["val/top5"]
+    assert one["val/loss"] == pytest.approx(two["val/loss"], rel=1e-6)
+
+
+def test_accelerate_launch_runs_one_two_process_job(tmp_path):
+    cmd = [helpers.PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(helpers.REPO / "train.py"), "train.epochs=1", "train.precision=bf16"]
+    out = ok(helpers.run(cmd, tmp_path))
+    assert "DDP, 2 process(es)" in out and "launcher accelerate launch" in out and "precision bf16" in out
+    assert state_dict(tmp_path / "runs/default/checkpoints/last.pt")["world_size"] == 2
+
+
+def test_accumulation_micro_steps_do_not_all_reduce(tmp_path):
+    out = ok(torchrun("tests/ddp_probe.py", cwd=tmp_path))
+    assert "rank 0/2: 2 all-reduces" in out            # 6 micro-steps, accumulation 3: two syncs
+
+
+def test_world_size_must_match_the_launcher():
+    runtime.check_world_size(2, 2, "MULTI_CPU")
+    with pytest.raises(UserError, match="started 2 processes but training sees 1"):
+        runtime.check_world_size(2, 1, "NO")
+
+
+def test_gpu_selection_before_cuda_and_per_node_limit(monkeypatch):
+    cfg = config.load(config.Config, None, ["dist.gpus=1"])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    notes = runtime.prepare_env(cfg)
+    assert runtime.os.environ["CUDA_VISIBLE_DEVICES"] == "5" and "selects CUDA_VISIBLE_DEVICES=5" in notes[0]
+    cfg = config.load(config.Config, None, ["dist.gpus=0,3"])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    with pytest.raises(UserError, match="asks for GPU 3 but only 2 are visible"):
+        runtime.prepare_env(cfg)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    runtime.prepare_env(config.load(config.Config, None, ["dist.gpus=2,3"]))
+    assert runtime.os.environ["CUDA_VISIBLE_DEVICES"] == "2,3"
+    # more processes on a node than visible GPUs: a clear error before any CUDA call
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    stub = runtime.Runtime.__new__(runtime.Runtime)
+    stub.torch = torch
+    with pytest.raises(UserError, match="4 processes were started on this node but only 2 GPUs are visible"):
+        stub._check_gpu_count(cuda=True)
+
+
+def test_launch_variables_are_checked(monkeypatch):
+    cfg = config.load(config.Config, None, [])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(UserError, match="WORLD_SIZE=2 is set but MASTER_ADDR"):
+        runtime.prepare_env(cfg)
