@@ -72,8 +72,25 @@ def main(cfg):
     log = logging.RunLogger(run.dir, cfg, rt, state, lr_fn=lambda: optimizer.param_groups[0]["lr"],
                             classes=data.spec.classes, started=cfg._started)
 
-    # 7) Train. One step: forward and loss under autocast, backward (scaled under fp16, no DDP sync
-    #    on accumulation micro-steps), then on update steps: clip on unscaled gradients, step, schedule.
+    # 7) Train: the step below, run by engine.fit's loop of epochs, evaluation and checkpoints.
+    train_step = make_train_step(model, loss_fn, optimizer, scheduler, rt, cfg, task)
+    metrics = engine.fit(cfg=cfg, rt=rt, run=run, log=log, state=state, train_loader=data.train,
+                         step_fn=train_step, eval_fn=evaluate, objects=objects,
+                         lr_fn=lambda: optimizer.param_groups[0]["lr"])
+
+    # 8) Finish: final plots and the summary line; leave the process group cleanly.
+    if not metrics.get("stopped"):
+        best = f", best {cfg.checkpoint.monitor} {state.best:.4f} at epoch {state.best_epoch}" if state.best is not None else ""
+        log.finish(metrics, extra=best)
+    rt.shutdown()
+    return metrics
+
+
+def make_train_step(model, loss_fn, optimizer, scheduler, rt, cfg, task):
+    """One supervised step: forward and loss under autocast; backward (scaled under fp16, without DDP
+    gradient sync on accumulation micro-steps); on update steps clip the *unscaled* gradients, step
+    the optimizer (the fp16 scaler skips inf/NaN steps), then the schedule. finetune.py uses it too."""
+    from lib import engine, optim
     params = [p for p in model.parameters() if p.requires_grad]
     clip = cfg.train.clip_grad_norm
     skip_nonfinite = cfg.train.on_nonfinite == "skip"
@@ -108,16 +125,7 @@ def main(cfg):
             out = model(x)
         return batch_stats(out.detach().float(), y, loss_fn(out, y))
 
-    metrics = engine.fit(cfg=cfg, rt=rt, run=run, log=log, state=state, train_loader=data.train,
-                         step_fn=train_step, eval_fn=evaluate, objects=objects,
-                         lr_fn=lambda: optimizer.param_groups[0]["lr"])
-
-    # 8) Finish: final plots and the summary line; leave the process group cleanly.
-    if not metrics.get("stopped"):
-        best = f", best {cfg.checkpoint.monitor} {state.best:.4f} at epoch {state.best_epoch}" if state.best is not None else ""
-        log.finish(metrics, extra=best)
-    rt.shutdown()
-    return metrics
+    return train_step
 
 
 if __name__ == "__main__":

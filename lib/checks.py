@@ -28,7 +28,7 @@ def preflight(cfg):
         raise UserError(f"{where(cfg, 'data.classes')} selects classes, but data.name={d.name} is a "
                         f"{task} dataset; remove it.")
     c = cfg.checkpoint
-    if c.monitor not in MONITORS[task]:
+    if c.monitor != "none" and c.monitor not in MONITORS[task]:
         if "checkpoint.monitor" not in cfg._origins and task == "regression":
             c.monitor = "val/loss"
         else:

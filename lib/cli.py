@@ -17,7 +17,7 @@ from lib.errors import RunError, UserError
 STARTED = time.time()
 
 
-def parse(argv, schema, description, default_config=None):
+def parse(argv, schema, description, default_config=None, extra_args=None):
     keys = "\n".join(config_mod.describe(schema))
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -29,23 +29,31 @@ def parse(argv, schema, description, default_config=None):
                         help="start over in a run directory that holds a different run (it is kept, renamed)")
     parser.add_argument("--eval-only", action="store_true", help="only evaluate the loaded weights")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=0.01")
+    if extra_args is not None:
+        extra_args(parser)
     return parser.parse_args(argv)
 
 
 def run(main, *, schema=config_mod.Config, description="", default_config=None, script_defaults=None,
-        preflight=None, argv=None):
-    """Parse the command line, load the config, call main(cfg), and turn errors into exit codes."""
-    args = parse(sys.argv[1:] if argv is None else argv, schema, description, default_config)
+        preflight=None, argv=None, extra_args=None, command=None):
+    """Parse the command line, load the config, call main(cfg), and turn errors into exit codes.
+
+    extra_args(parser) adds a script's own flags; command(args) handles them and returns an exit
+    code, or None to go on with training.
+    """
+    args = parse(sys.argv[1:] if argv is None else argv, schema, description, default_config, extra_args)
     try:
+        if command is not None:
+            code = command(args)
+            if code is not None:
+                return code
         cfg = config_mod.load(schema, args.config, args.overrides, script_defaults)
         if args.eval_only:
             cfg.train.eval_only = True
         cfg._force = args.force
         cfg._started = STARTED
         if args.print_config:
-            if preflight is None:
-                from lib.checks import preflight
-            preflight(cfg)
+            _resolve(preflight or "lib.checks:preflight")(cfg)
             sys.stdout.write(config_mod.dump(cfg))
             return 0
         main(cfg)
@@ -59,6 +67,15 @@ def run(main, *, schema=config_mod.Config, description="", default_config=None, 
     except KeyboardInterrupt:
         _shutdown(ok=False)
         return 130
+
+
+def _resolve(fn):
+    """A callable, or 'module:function' imported only now (so --help never imports torch)."""
+    if callable(fn):
+        return fn
+    import importlib
+    module, name = fn.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _report(kind, err):

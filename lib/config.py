@@ -53,7 +53,8 @@ class DataCfg:
     shuffle: bool = F(True, "shuffle training data each epoch (order = f(seed, epoch))")
     augment: Literal["none", "crop", "crop_flip"] = F(
         "none", "training augmentation, per batch on the device: random crop with padding, and horizontal flip")
-    normalize: Literal["dataset", "imagenet", "none"] = F("dataset", "per-channel normalization statistics")
+    normalize: Literal["dataset", "imagenet", "symmetric", "none"] = F(
+        "dataset", "per-channel statistics: dataset, imagenet, symmetric ([0,1] -> [-1,1], for tanh GANs), none")
     val_fraction: float = F(0.2, "held-out fraction for datasets without an official validation split")
     classes: Optional[list[int]] = F(None, "keep only these classes, relabelled 0..K-1 (e.g. [5, 6, 7, 8, 9])")
     csv: Optional[str] = F(None, "csv: pixel CSV (label, pixel1..pixelN); image_csv: labels CSV")
@@ -136,7 +137,7 @@ class CheckpointCfg:
     every_steps: Optional[int] = F(None, "also write one every N optimizer steps")
     keep_last: int = F(3, "periodic checkpoints kept besides last.pt and best.pt")
     resume: str = F("auto", "auto (continue the run in its directory), never, or a checkpoint path")
-    monitor: str = F("val/acc", "metric that picks best.pt (val/acc, val/loss, val/top5, val/mse, ...)")
+    monitor: str = F("val/acc", "metric that picks best.pt (val/acc, val/loss, val/top5, val/mse, ...; none = no best.pt)")
     mode: Literal["auto", "max", "min"] = F("auto", "whether a larger monitor value is better; auto = min for loss/mse")
 
 
@@ -170,6 +171,22 @@ class Config:
     dist: DistCfg = S(DistCfg, "distributed runtime")
     checkpoint: CheckpointCfg = S(CheckpointCfg, "checkpoints")
     log: LogCfg = S(LogCfg, "logging")
+
+
+@dataclass
+class GanCfg:
+    latent_dim: int = F(64, "size of the latent vector z (latent_dim x 1 x 1)")
+    g_features: int = F(64, "generator width (channels of its last hidden layer)")
+    d_features: int = F(64, "discriminator width (channels of its first layer)")
+    sample_every: int = F(200, "optimizer steps between sample grids in samples/")
+    grid: int = F(64, "images in each sample grid (a square number looks best)")
+    ema: Optional[float] = F(None, "decay of an EMA of the generator used for the grids, e.g. 0.999; null = off")
+    real_label: float = F(1.0, "target for real images in the D loss (0.9 = one-sided label smoothing)")
+
+
+@dataclass
+class GanConfig(Config):
+    gan: GanCfg = S(GanCfg, "DCGAN")
 
 
 # ---------------------------------------------------------------------------------------------

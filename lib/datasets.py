@@ -592,6 +592,8 @@ class BatchTransform:
 def _norm_stats(spec, d, transform):
     if d.normalize == "none":
         return (0.0,) * transform.dst_channels, (1.0,) * transform.dst_channels
+    if d.normalize == "symmetric":
+        return (0.5,) * transform.dst_channels, (0.5,) * transform.dst_channels
     if d.normalize == "imagenet":
         if transform.dst_channels == 3:
             return IMAGENET_MEAN, IMAGENET_STD

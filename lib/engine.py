@@ -130,7 +130,7 @@ class NonFiniteGuard:
 
     def watch(self, stats, step):
         """Record a non-finite loss at `step`; under policy skip, drop the batch from the sums."""
-        finite = torch.isfinite(stats["loss"])
+        finite = torch.isfinite(sum(v for k, v in stats.items() if k.startswith("loss")))
         if self.policy == "skip":
             self.skipped += (~finite).long()
             return {k: torch.where(finite, torch.as_tensor(v, device=finite.device), 0) for k, v in stats.items()}
@@ -152,7 +152,7 @@ class NonFiniteGuard:
                            f"train.clip_grad_norm, check the data, or set train.on_nonfinite=skip.")
 
 
-def train_one_epoch(state, loader, step_fn, rt, log, run, objects, cfg, guard):
+def train_one_epoch(state, loader, step_fn, rt, log, run, objects, cfg, guard, on_update=None):
     """One epoch (or its rest, when resuming mid-epoch). Returns (train metrics, stopped by signal?)."""
     t = cfg.train
     loader.set_epoch(state.epoch, state.batch)
@@ -173,6 +173,8 @@ def train_one_epoch(state, loader, step_fn, rt, log, run, objects, cfg, guard):
         if not micro.update:
             continue
         state.step += 1
+        if on_update is not None:
+            on_update(state)
         if state.step % t.log_every == 0:
             guard.check(f"epoch {state.epoch + 1}")
             elapsed = time.perf_counter() - tick
@@ -191,8 +193,10 @@ def train_one_epoch(state, loader, step_fn, rt, log, run, objects, cfg, guard):
     return metrics, False
 
 
-def fit(*, cfg, rt, run, log, state, train_loader, step_fn, eval_fn, objects, lr_fn):
-    """Epochs of train_one_epoch + evaluation + best tracking + checkpoints; returns final metrics."""
+def fit(*, cfg, rt, run, log, state, train_loader, step_fn, eval_fn, objects, lr_fn, on_update=None):
+    """Epochs of train_one_epoch + evaluation + best tracking + checkpoints; returns final metrics.
+
+    on_update(state) runs on every rank after each optimizer step (e.g. GAN sample grids)."""
     t = cfg.train
     guard = NonFiniteGuard(rt, t.on_nonfinite)
     rt.install_signal_handlers()
@@ -200,7 +204,7 @@ def fit(*, cfg, rt, run, log, state, train_loader, step_fn, eval_fn, objects, lr
     try:
         while state.epoch < t.epochs and not (t.max_steps and state.step >= t.max_steps):
             train_metrics, stopped = train_one_epoch(state, train_loader, step_fn, rt, log, run, objects, cfg,
-                                                     guard)
+                                                     guard, on_update)
             guard.check(f"epoch {state.epoch + 1}")
             if stopped:
                 run.save(objects, state)

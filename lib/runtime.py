@@ -268,17 +268,20 @@ class Runtime:
         self.scaler.unscale_(optimizer)
         return self.torch.nn.utils.clip_grad_norm_(parameters, max_norm)
 
-    def step(self, optimizer, skip_if_nonfinite=None):
+    def step(self, optimizer, skip_if_nonfinite=None, update_scale=True):
         """optimizer.step(); under fp16 the scaler skips steps with inf/NaN gradients and adapts.
 
         skip_if_nonfinite: a gradient norm; when it is NaN/inf the update is skipped (train.on_nonfinite
         =skip). The norm is taken after DDP's all-reduce, so every rank makes the same decision.
+        update_scale=False: more optimizers step in this iteration; the last one updates the scale
+        (the GradScaler recipe for several optimizers).
         """
         if self.deepspeed:
             optimizer.step()
         elif self.scaler.is_enabled():
             self.scaler.step(optimizer)     # the scaler already skips non-finite steps
-            self.scaler.update()
+            if update_scale:
+                self.scaler.update()
         elif skip_if_nonfinite is not None and not bool(self.torch.isfinite(skip_if_nonfinite)):
             return False
         else:

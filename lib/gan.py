@@ -1,0 +1,190 @@
+"""What gan_train.py needs besides the shared pieces: its pre-flight checks, building G and D, the
+fixed noise, sample grids, and sampling N images from a checkpoint."""
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from lib import datasets
+from lib.config import where
+from lib.errors import UserError
+
+PLOT_GROUPS = [("losses", ["train/loss_D", "train/loss_G"]),
+               ("discriminator outputs", ["train/D_x", "train/D_G_z1", "train/D_G_z2"]),
+               ("lr", ["lr"])]
+
+
+def preflight(cfg):
+    """GAN-specific checks on top of the dataset / init / optimizer checks."""
+    d, t, g = cfg.data, cfg.train, cfg.gan
+    meta = datasets.check(cfg)
+    if meta["kind"] != "image":
+        raise UserError(f"data.name={d.name} gives {meta['kind']}s; gan_train.py generates images.")
+    if cfg.model.name != "dcgan_generator":
+        raise UserError(f"{where(cfg, 'model.name')} = {cfg.model.name}: gan_train.py trains the DCGAN "
+                        f"(dcgan_generator + dcgan_discriminator); leave model.name unset.")
+    if cfg.loss.name != "bce_with_logits" or cfg.loss.extra:
+        raise UserError(f"{where(cfg, 'loss.name')}: the DCGAN losses are fixed (BCE with logits, "
+                        f"non-saturating G loss); remove the loss section.")
+    if cfg.dist.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        raise UserError("gan_train.py does not run under DeepSpeed: ZeRO shards one model and one optimizer, "
+                        "a GAN steps two in alternation; launch with torchrun or accelerate launch "
+                        "(configs/accelerate/ddp.yaml) instead.")
+    if t.grad_accum != 1:
+        raise UserError(f"{where(cfg, 'train.grad_accum')} must be 1 for gan_train.py (D and G alternate "
+                        f"every batch); use a larger data.batch_size or more processes.")
+    if t.on_nonfinite != "stop":
+        raise UserError(f"{where(cfg, 'train.on_nonfinite')}: gan_train.py only stops on a non-finite loss.")
+    if d.normalize not in ("symmetric", "none"):
+        raise UserError(f"{where(cfg, 'data.normalize')} = {d.normalize}: the generator ends in tanh for "
+                        f"data.normalize=symmetric ([-1, 1]) or sigmoid for none ([0, 1]); pick one of those.")
+    if d.augment != "none":
+        raise UserError(f"{where(cfg, 'data.augment')}: augmenting real images makes G learn the "
+                        f"augmentations; set data.augment=none.")
+    size = d.image_size
+    if size is None:
+        raise UserError("data.image_size must be set for gan_train.py (e.g. 32).")
+    try:
+        from lib.models.dcgan import layout
+        layout(size)
+    except ValueError as e:
+        raise UserError(f"{where(cfg, 'data.image_size')}: {e}.") from None
+    for key in ("latent_dim", "g_features", "d_features", "sample_every", "grid"):
+        if getattr(g, key) < 1:
+            raise UserError(f"{where(cfg, 'gan.' + key)} must be at least 1.")
+    if g.ema is not None and not 0.0 < g.ema < 1.0:
+        raise UserError(f"{where(cfg, 'gan.ema')} must be between 0 and 1 (e.g. 0.999), or null.")
+    if cfg.checkpoint.monitor != "none":
+        raise UserError(f"{where(cfg, 'checkpoint.monitor')}: a GAN has no validation metric to pick best.pt "
+                        f"by; leave checkpoint.monitor=none.")
+    from lib import init, optim
+    init.check(cfg.model.init)
+    optim.check(cfg)
+    return "generation", "image"
+
+
+def build_models(cfg, data):
+    """G and D for the data's channels and size, initialised identically on every rank."""
+    from lib.models.dcgan import Discriminator, Generator
+    channels, size = data.transform.dst_channels, data.transform.size[0]
+    output = "tanh" if cfg.data.normalize == "symmetric" else "sigmoid"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        g = Generator(cfg.gan.latent_dim, channels, size, cfg.gan.g_features, output)
+        d = Discriminator(channels, size, cfg.gan.d_features)
+        from lib.init import apply_init
+        apply_init(g, cfg.model.init)
+        apply_init(d, cfg.model.init)
+    return g, d
+
+
+def make_ema(cfg, g):
+    if cfg.gan.ema is None:
+        return None
+    from lib.ema import EMA
+    return EMA(g, cfg.gan.ema)
+
+
+def fixed_noise(cfg, device):
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    return torch.randn(cfg.gan.grid, cfg.gan.latent_dim, 1, 1, generator=gen).to(device)
+
+
+def count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def to_unit(x, transform):
+    """Model-space images -> [0, 1] (undo the data normalization)."""
+    return (x.float() * transform.std + transform.mean).clamp_(0, 1)
+
+
+def save_grid(images, path, nrow=None, pad=2):
+    """images (N, C, H, W) in [0, 1] -> one PNG grid with `pad`-pixel borders, written atomically."""
+    from PIL import Image
+    n, c, h, w = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    canvas = torch.ones(c, rows * (h + pad) + pad, nrow * (w + pad) + pad)
+    for i, img in enumerate(images.cpu()):
+        r, col = divmod(i, nrow)
+        canvas[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = img
+    array = (canvas * 255).round().byte().permute(1, 2, 0).numpy()
+    image = Image.fromarray(array[:, :, 0] if c == 1 else array)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    image.save(tmp)
+    os.replace(tmp, path)
+
+
+class Grids:
+    """samples/step_XXXXXXX.png from the fixed noise, and reals.png once (rank 0 only)."""
+
+    def __init__(self, folder, transform, rt):
+        self.folder, self.transform, self.rt = Path(folder), transform, rt
+        if rt.is_main:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def save_reals(self, loader):
+        if not self.rt.is_main or (self.folder / "reals.png").exists():
+            return
+        loader.set_epoch(0)
+        x, _ = next(iter(loader))
+        save_grid(to_unit(x[:64], self.transform), self.folder / "reals.png")
+
+    @torch.no_grad()
+    def save(self, g, noise, step):
+        if not self.rt.is_main:
+            return
+        was = g.training
+        g.eval()
+        with self.rt.autocast():
+            images = g(noise)
+        g.train(was)
+        save_grid(to_unit(images, self.transform), self.folder / f"step_{step:07d}.png")
+
+
+def sample_from_checkpoint(n, ckpt_path, out, seed):
+    """`gan_train.py --sample N --from CKPT`: N images (and a grid) from the EMA or the generator."""
+    from lib import checkpoint
+    from lib.config import GanConfig, from_dict
+    from lib.models.dcgan import Generator
+    if not n or n < 1 or not ckpt_path:
+        raise UserError("give both --sample N (N >= 1) and --from <checkpoint.pt>.")
+    try:
+        ckpt = checkpoint.load(ckpt_path)
+    except FileNotFoundError:
+        raise UserError(f"--from {ckpt_path}: no such file; point it at a gan_train.py checkpoint.") from None
+    except ValueError as e:
+        raise UserError(f"--from: {e}.") from None
+    if "generator" not in ckpt or "config" not in ckpt:
+        raise UserError(f"{ckpt_path} is not a gan_train.py checkpoint (it has no generator).")
+    cfg = from_dict(GanConfig, ckpt["config"], source=str(ckpt_path))
+    state = ckpt.get("ema") or ckpt["generator"]
+    first = state["net.0.weight"]                     # (latent_dim, width, base, base)
+    last = [k for k in state if k.endswith(".weight")][-1]
+    channels = state[last].shape[1]
+    base, layers = first.shape[2], sum(1 for k in state if k.endswith(".weight") and state[k].dim() == 4)
+    size = base * 2 ** (layers - 1)
+    g = Generator(first.shape[0], channels, size, cfg.gan.g_features,
+                  "tanh" if cfg.data.normalize == "symmetric" else "sigmoid")
+    g.load_state_dict(state)
+    g.eval()
+    mean = torch.tensor((0.5,) * channels if cfg.data.normalize == "symmetric" else (0.0,) * channels).view(1, -1, 1, 1)
+    std = torch.tensor((0.5,) * channels if cfg.data.normalize == "symmetric" else (1.0,) * channels).view(1, -1, 1, 1)
+    out = Path(out) if out else Path(ckpt_path).resolve().parent.parent / "generated"
+    out.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    images = []
+    with torch.no_grad():
+        for start in range(0, n, 256):
+            z = torch.randn(min(256, n - start), first.shape[0], 1, 1, generator=gen)
+            images.append((g(z) * std + mean).clamp(0, 1))
+    images = torch.cat(images)
+    for i, img in enumerate(images):
+        save_grid(img[None], out / f"sample_{i:05d}.png", nrow=1, pad=0)
+    save_grid(images[:64], out / "grid.png")
+    print(f"wrote {n} images and grid.png to {out} ({'EMA generator' if 'ema' in ckpt else 'generator'}, "
+          f"step {ckpt.get('step')})", flush=True)
+    return 0

@@ -1,0 +1,87 @@
+"""gan_train.py: G/D shapes, a tiny run's files, two processes with a batch-norm D, exact resume with
+the same fixed noise, sampling from a checkpoint, and the DeepSpeed refusal."""
+import pytest
+import torch
+
+import helpers
+from helpers import ok, script, state_dict, torchrun, user_error
+from lib.models.dcgan import Discriminator, Generator, layout
+
+TINY = ["--config", helpers.REPO / "configs/dcgan_digits.yaml", "gan.g_features=8", "gan.d_features=8",
+        "gan.latent_dim=16", "data.batch_size=32", "gan.sample_every=5", "gan.grid=16", "train.log_every=2",
+        "train.max_steps=10"]
+KEYS = {"generator", "discriminator", "optimizer_g", "optimizer_d", "scaler", "ema", "fixed_noise", "epoch",
+        "batch", "step", "rng", "config"}
+
+
+@pytest.mark.parametrize("size", [28, 32, 64])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_generator_and_discriminator_shapes(size, channels):
+    g, d = Generator(16, channels, size, 8), Discriminator(channels, size, 8)
+    x = g(torch.randn(5, 16, 1, 1))
+    assert x.shape == (5, channels, size, size) and x.min() >= -1 and x.max() <= 1
+    assert d(x).shape == (5,)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in d.modules())
+    with pytest.raises(ValueError, match="image side"):
+        layout(30)
+
+
+def _check_run(run, steps):
+    for name in ("samples/reals.png", "samples/step_0000005.png", f"samples/step_{steps:07d}.png", "curves.png",
+                 "metrics.csv", "metrics.jsonl", "config.yaml", "env.json", "checkpoints/last.pt"):
+        assert (run / name).is_file(), name
+    rows = helpers.read_jsonl(run / "metrics.jsonl")
+    assert rows and {"train/loss_D", "train/loss_G", "train/D_x", "train/D_G_z1", "train/D_G_z2", "images_per_s"} <= set(rows[-1])
+    ckpt = state_dict(run / "checkpoints/last.pt")
+    assert KEYS <= set(ckpt) and ckpt["step"] == steps
+    assert ckpt["fixed_noise"].shape == (16, 16, 1, 1)
+    assert not (run / "checkpoints/best.pt").exists()
+    return ckpt
+
+
+def test_tiny_run_writes_grids_metrics_and_checkpoint(tmp_path):
+    out = ok(script("gan_train.py", *TINY, cwd=tmp_path))
+    assert "samples in runs/dcgan_digits/samples" in out
+    _check_run(tmp_path / "runs/dcgan_digits", 10)
+
+
+def test_two_processes_with_a_batch_norm_discriminator(tmp_path):
+    out = ok(torchrun("gan_train.py", *TINY, cwd=tmp_path))
+    assert "DDP, 2 process(es)" in out
+    ckpt = _check_run(tmp_path / "runs/dcgan_digits", 10)
+    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+
+
+def test_interrupted_run_resumes_at_the_right_step_with_the_same_noise(tmp_path):
+    ok(script("gan_train.py", *TINY, "name=full", cwd=tmp_path))
+    first = ok(script("gan_train.py", *TINY[:-1], "train.max_steps=6", "name=cut", cwd=tmp_path))
+    assert "step 6" in first
+    noise = state_dict(tmp_path / "runs/cut/checkpoints/last.pt")["fixed_noise"]
+    out = ok(script("gan_train.py", *TINY, "name=cut", cwd=tmp_path))
+    assert "resumed from runs/cut/checkpoints/last.pt at epoch 1, step 6" in out
+    full = state_dict(tmp_path / "runs/full/checkpoints/last.pt")
+    cut = state_dict(tmp_path / "runs/cut/checkpoints/last.pt")
+    assert cut["step"] == 10 and torch.equal(cut["fixed_noise"], noise) and torch.equal(noise, full["fixed_noise"])
+    for part in ("generator", "discriminator", "ema"):          # resumed == uninterrupted, bit for bit
+        for k, v in full[part].items():
+            assert torch.equal(v, cut[part][k]), f"{part}.{k}"
+
+
+def test_sample_n_images_from_a_checkpoint(tmp_path):
+    ok(script("gan_train.py", *TINY, cwd=tmp_path))
+    out = ok(script("gan_train.py", "--sample", "7", "--from", "runs/dcgan_digits/checkpoints/last.pt",
+                    "--out", "gen", cwd=tmp_path))
+    assert "wrote 7 images" in out and "EMA generator" in out
+    assert len(list((tmp_path / "gen").glob("sample_*.png"))) == 7 and (tmp_path / "gen/grid.png").exists()
+    from PIL import Image
+    assert Image.open(tmp_path / "gen/sample_00000.png").size == (32, 32)
+    msg = user_error(script("gan_train.py", "--sample", "3", "--from", "nothing.pt", cwd=tmp_path))
+    assert "no such file" in msg
+
+
+def test_deepspeed_and_bad_options_are_refused(tmp_path):
+    msg = user_error(script("gan_train.py", *TINY, "dist.deepspeed=configs/deepspeed/zero2.json", cwd=tmp_path))
+    assert "does not run under DeepSpeed" in msg
+    msg = user_error(script("gan_train.py", *TINY, "data.normalize=dataset", cwd=tmp_path))
+    assert "tanh" in msg
+    assert not (tmp_path / "runs").exists()
