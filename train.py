@@ -29,7 +29,7 @@ def main(cfg):
     rt.print0(f"runtime: {rt.describe()}" + "".join(f"\n  {n}" for n in rt.notes))
 
     # 3) Open the run directory: resume it, start fresh, or refuse (nothing is written yet).
-    run = checkpoint.Run(cfg, rt, force=cfg._force)
+    run = checkpoint.Run(cfg, rt, force=cfg._force, read_only=cfg.train.eval_only)
 
     # 4) Load the data: a uint8 tensor on the device (memory loader) or a DataLoader over files.
     data = datasets.build_data(cfg, rt)

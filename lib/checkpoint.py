@@ -125,8 +125,8 @@ def _diff(old, new, prefix=""):
 class Run:
     """One run directory, <output_dir>/<name>: decide how to start, then save and restore checkpoints."""
 
-    def __init__(self, cfg, rt, force=False):
-        self.cfg, self.rt = cfg, rt
+    def __init__(self, cfg, rt, force=False, read_only=False):
+        self.cfg, self.rt, self.read_only = cfg, rt, read_only
         self.dir = Path(cfg.output_dir) / cfg.name
         self.ckpt_dir = self.dir / "checkpoints"
         self.resume_path = None
@@ -152,6 +152,12 @@ class Run:
     def _decide(self, force):
         c = self.cfg.checkpoint
         plan = {"error": None, "resume": None, "warnings": [], "move_aside": False}
+        if self.read_only and c.resume in ("auto", "never"):   # --eval-only: read the newest checkpoint, if any
+            if c.resume == "auto" and self._has_checkpoints():
+                path, skipped = self._newest_valid()
+                plan["resume"] = str(path) if path else None
+                plan["warnings"] += [f"skipping damaged checkpoint: {s}" for s in skipped]
+            return plan
         exists = self.dir.is_dir() and any(self.dir.iterdir())
         if c.resume not in ("auto", "never"):
             path = Path(c.resume)
@@ -292,6 +298,13 @@ class Run:
         return False
 
     # -- restoring -------------------------------------------------------------------------------
+
+    def resume_position(self):
+        """(epoch, batch, step) of the checkpoint this run resumes from, or None."""
+        if self.resume_path is None:
+            return None
+        ckpt = load(self.resume_path)
+        return ckpt.get("epoch", 0), ckpt.get("batch", 0), ckpt.get("step", 0)
 
     def restore(self, objects, state):
         """Load the resume checkpoint into `objects` and `state`; False when starting fresh."""

@@ -76,6 +76,7 @@ class ModelCfg:
     in_channels: Optional[int] = F(None, "input channels; null = from the data")
     init: dict = F({"name": "default"}, "weight init: {name, bias, conv: {...}, linear: {...}, norm: {...}, <scheme args>}")
     weights: Optional[str] = F(None, "start from these weights: a state_dict .pt/.pth or a checkpoint of this package")
+    head: Optional[list[int]] = F(None, "hidden widths of an MLP head replacing the last linear layer, e.g. [400, 300]")
     extra: dict = F({}, "")
     OPEN = True
 
@@ -187,6 +188,24 @@ class GanCfg:
 @dataclass
 class GanConfig(Config):
     gan: GanCfg = S(GanCfg, "DCGAN")
+
+
+@dataclass
+class FinetuneCfg:
+    weights: Optional[str] = F(None, "IMAGENET1K_V1 / DEFAULT (torchvision weights), a .pth state dict, or a "
+                                     "checkpoint / model.pt of train.py or finetune.py")
+    head: Union[str, list[int]] = F("replace", "replace (a new linear layer), keep, or MLP hidden widths, e.g. [400, 300]")
+    freeze: Optional[Union[str, list[str], dict]] = F(
+        None, "backbone, module-name patterns ['conv1', 'layer1.*'], or {children: 6, plus: ['layer3.0']}")
+    freeze_bn: bool = F(True, "frozen batch-norm layers stay in eval mode (their statistics do not move)")
+    in_channels: Optional[int] = F(None, "adapt the first convolution to this many input channels (1 = grayscale)")
+    unfreeze_at_epoch: Optional[int] = F(None, "at this epoch (1-based) the frozen layers join training")
+    backbone_lr_mult: float = F(0.1, "learning rate of the unfrozen layers = optim.lr x this")
+
+
+@dataclass
+class FinetuneConfig(Config):
+    finetune: FinetuneCfg = S(FinetuneCfg, "transfer learning")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -193,16 +193,20 @@ def train_one_epoch(state, loader, step_fn, rt, log, run, objects, cfg, guard, o
     return metrics, False
 
 
-def fit(*, cfg, rt, run, log, state, train_loader, step_fn, eval_fn, objects, lr_fn, on_update=None):
+def fit(*, cfg, rt, run, log, state, train_loader, step_fn, eval_fn, objects, lr_fn, on_update=None,
+        on_epoch_start=None):
     """Epochs of train_one_epoch + evaluation + best tracking + checkpoints; returns final metrics.
 
-    on_update(state) runs on every rank after each optimizer step (e.g. GAN sample grids)."""
+    on_update(state) runs on every rank after each optimizer step (e.g. GAN sample grids);
+    on_epoch_start(state) before each epoch (e.g. gradual unfreezing)."""
     t = cfg.train
     guard = NonFiniteGuard(rt, t.on_nonfinite)
     rt.install_signal_handlers()
     metrics, started = {}, time.perf_counter()
     try:
         while state.epoch < t.epochs and not (t.max_steps and state.step >= t.max_steps):
+            if on_epoch_start is not None:
+                on_epoch_start(state)
             train_metrics, stopped = train_one_epoch(state, train_loader, step_fn, rt, log, run, objects, cfg,
                                                      guard, on_update)
             guard.check(f"epoch {state.epoch + 1}")

@@ -161,7 +161,7 @@ def sample_from_checkpoint(n, ckpt_path, out, seed):
     if "generator" not in ckpt or "config" not in ckpt:
         raise UserError(f"{ckpt_path} is not a gan_train.py checkpoint (it has no generator).")
     cfg = from_dict(GanConfig, ckpt["config"], source=str(ckpt_path))
-    state = ckpt.get("ema") or ckpt["generator"]
+    state = {k: v for k, v in (ckpt.get("ema") or ckpt["generator"]).items() if not k.startswith("_")}
     first = state["net.0.weight"]                     # (latent_dim, width, base, base)
     last = [k for k in state if k.endswith(".weight")][-1]
     channels = state[last].shape[1]

@@ -151,6 +151,30 @@ def build_optimizer(o, model):
         raise UserError(f"optim.name={o.name} rejected its options: {e}") from None
 
 
+def add_param_group(optimizer, scheduler, params, lr, weight_decay=0.0):
+    """Add a parameter group mid-run (gradual unfreezing) and teach the schedule about it."""
+    group = {"params": params, "lr": lr}
+    if "weight_decay" in optimizer.defaults:
+        group["weight_decay"] = weight_decay
+    optimizer.add_param_group(group)
+    group = optimizer.param_groups[-1]
+    if isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR):
+        first = optimizer.param_groups[0]
+        ratio = lr / first["max_lr"] if first.get("max_lr") else 1.0
+        for key in ("initial_lr", "max_lr", "min_lr"):
+            group[key] = first[key] * ratio
+        group["lr"] = first["lr"] * ratio
+        for key in ("momentum", "betas"):
+            if key in first:
+                group[key] = first[key]
+    else:                                        # our LambdaLR schedules: same multiplier, new base
+        group["initial_lr"] = lr
+        scheduler.base_lrs.append(lr)
+        scheduler.lr_lambdas.append(scheduler.lr_lambdas[0])
+        group["lr"] = lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
+    return group
+
+
 def needs_closure(optimizer):
     return isinstance(optimizer, torch.optim.LBFGS)
 

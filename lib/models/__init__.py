@@ -21,7 +21,9 @@ def check(cfg, task=None, kind=None):
     builder = MODELS.get(m.name, where="model.name")
     meta = MODELS.meta(m.name)
     check_kwargs(builder, m.extra, "model", skip=BUILT_IN_ARGS,
-                 also=("name", "num_classes", "in_channels", "init", "weights"), origins=cfg._origins)
+                 also=("name", "num_classes", "in_channels", "init", "weights", "head"), origins=cfg._origins)
+    if m.head is not None and (not m.head or min(m.head) < 1):
+        raise UserError("model.head must list positive layer widths, e.g. [400, 300].")
     if kind is not None and meta.get("input", "image") not in (kind, "any"):
         raise UserError(f"model.name={m.name} takes {meta.get('input', 'image')} inputs but data.name="
                         f"{cfg.data.name} gives {kind}s; pick a matching model or dataset.")
@@ -46,9 +48,36 @@ def build_model(m, *, num_classes, in_channels, image_size=None, input_shape=Non
             model = builder(**kwargs)
         except (ValueError, TypeError, RuntimeError) as e:
             raise UserError(f"model {m.name} could not be built with {_show(kwargs)}: {e}") from None
+        if m.head:
+            replace_head(model, num_classes, hidden=m.head)
         from lib.init import apply_init
         apply_init(model, m.init)
     return model
+
+
+def head_name(model):
+    """The model's classifier: its last nn.Linear (fc, classifier.6, heads.head, ...)."""
+    import torch
+    names = [n for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)]
+    if not names:
+        raise UserError(f"{type(model).__name__} has no linear layer to use as its head.")
+    return names[-1]
+
+
+def replace_head(model, num_classes, hidden=()):
+    """Swap the last linear layer for Linear(in, K), or an MLP in -> hidden... (ReLU) -> K."""
+    import torch
+    name = head_name(model)
+    old = model.get_submodule(name)
+    layers, width = [], old.in_features
+    for h in hidden:
+        layers += [torch.nn.Linear(width, h), torch.nn.ReLU()]
+        width = h
+    layers.append(torch.nn.Linear(width, num_classes))
+    new = layers[0] if len(layers) == 1 else torch.nn.Sequential(*layers)
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+    return name
 
 
 def _show(kwargs):
