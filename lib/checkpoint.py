@@ -13,12 +13,18 @@ A checkpoint is one file, a dict with these keys (DESIGN.md section 3):
 Everything is tensors and plain Python values, so it loads with torch.load(weights_only=True).
 
 Writes: rank 0 writes `step_XXXXXXXX.pt` to a temporary file in the same directory, flushes and
-fsyncs it, renames it, fsyncs the directory, then points `last.pt` (and `best.pt`) at it with a
-hard link made the same way; old periodic files are pruned only after all of that succeeded.
-Every rank then learns whether the save worked, so no rank waits on a collective the others skip.
+fsyncs it, renames it, fsyncs the directory, then commits it by writing `step_XXXXXXXX.pt.sha256`
+(its SHA-256) the same way, then points `last.pt` (and `best.pt`) at it with a hard link made the
+same way; old periodic files are pruned only after all of that succeeded. Every rank then learns
+whether the save worked, so no rank waits on a collective the others skip.
+
+Reads: a file with a `.sha256` next to it must match it (torch.load alone misses flipped bits);
+resuming picks the newest *committed* periodic checkpoint that verifies and loads, warning about
+each one it skips, and only then falls back to last.pt.
 """
 import datetime
 import errno
+import hashlib
 import os
 import shutil
 import time
@@ -36,8 +42,9 @@ HARMLESS = ("name", "output_dir", "train.epochs", "train.max_steps", "train.log_
             "data.download", "data.memory_limit_gb", "data.eval_batch_size", "checkpoint.", "log.", "dist.")
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary sibling, fsync, rename, fsync the directory; never a partial file."""
+def atomic_save(obj, path, commit=False):
+    """torch.save to a temporary sibling, fsync, rename, fsync the directory; never a partial file.
+    commit=True also writes path.sha256 (the commit marker and checksum) afterwards."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -45,11 +52,27 @@ def atomic_save(obj, path):
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        digest = sha256_file(tmp) if commit else None
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if commit:
+        atomic_write_text(sidecar(path), digest + "\n")
+    return digest
+
+
+def sidecar(path):
+    return Path(str(path) + ".sha256")
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_link(src, dst):
@@ -70,11 +93,15 @@ def atomic_link(src, dst):
 def atomic_write_text(path, text):
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def fsync_dir(path):
@@ -91,7 +118,13 @@ def fsync_dir(path):
 
 
 def load(path):
-    """A checkpoint dict, loaded safely (weights_only=True); raises ValueError if it is damaged."""
+    """A checkpoint dict, loaded safely (weights_only=True); raises ValueError if it is damaged
+    (a checksum that does not match its .sha256, a truncated file, foreign pickled objects)."""
+    marker = sidecar(path)
+    if marker.exists():
+        expected = marker.read_text().strip()
+        if sha256_file(path) != expected:
+            raise ValueError(f"{path} is damaged (its SHA-256 does not match {marker.name})")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -104,9 +137,11 @@ def load(path):
     return ckpt
 
 
-def periodic_files(ckpt_dir):
-    """Periodic checkpoints, newest (highest step) first."""
+def periodic_files(ckpt_dir, committed=False):
+    """Periodic checkpoints, newest (highest step) first (only those with a .sha256 if committed)."""
     files = [p for p in Path(ckpt_dir).glob("step_*.pt") if p.stem[5:].isdigit()]
+    if committed:
+        files = [p for p in files if sidecar(p).exists()]
     return sorted(files, key=lambda p: int(p.stem[5:]), reverse=True)
 
 
@@ -137,8 +172,9 @@ class Run:
         if plan["error"]:
             raise UserError(plan["error"])
         self.resume_path = plan["resume"]
-        self.warnings = plan["warnings"]
         self._move_aside = plan["move_aside"]
+        for w in plan["warnings"]:
+            rt.print0(f"warning: {w}")
 
     # -- deciding ----------------------------------------------------------------------------
 
@@ -210,10 +246,11 @@ class Run:
         return (self.ckpt_dir / "last.pt").exists() or bool(periodic_files(self.ckpt_dir))
 
     def _newest_valid(self):
-        """last.pt, else the newest periodic checkpoint that loads; with the damaged ones skipped."""
-        skipped = []
-        candidates = [self.ckpt_dir / "last.pt"] + periodic_files(self.ckpt_dir)
-        for p in candidates:
+        """The newest committed periodic checkpoint that verifies and loads, else last.pt; with the
+        damaged or uncommitted ones skipped (and named)."""
+        skipped = [f"{p} was never committed (no {sidecar(p).name}; the save was cut short)"
+                   for p in periodic_files(self.ckpt_dir) if not sidecar(p).exists()]
+        for p in periodic_files(self.ckpt_dir, committed=True) + [self.ckpt_dir / "last.pt"]:
             if not p.exists():
                 continue
             try:
@@ -238,8 +275,6 @@ class Run:
             atomic_write_text(self.dir / "config.yaml", dump(self.cfg))
             atomic_write_text(self.dir / "env.json", json.dumps(env_info, indent=2, default=str) + "\n")
         self.rt.barrier()
-        for w in self.warnings:
-            self.rt.print0(f"warning: {w}")
 
     def save(self, objects, state, best=False, metrics=None):
         """Write a checkpoint of `objects` at `state` (a collective: every rank calls it)."""
@@ -257,10 +292,11 @@ class Run:
             payload.update(rng=rng, config=to_dict(self.cfg), world_size=self.rt.world_size, format=FORMAT,
                            saved_at=time.time(), metrics=metrics or {})
             try:
-                atomic_save(payload, path)
-                atomic_link(path, self.ckpt_dir / "last.pt")
-                if best:
-                    atomic_link(path, self.ckpt_dir / "best.pt")
+                digest = atomic_save(payload, path, commit=True)
+                for name, wanted in (("last.pt", True), ("best.pt", best)):
+                    if wanted:
+                        atomic_link(path, self.ckpt_dir / name)
+                        atomic_write_text(sidecar(self.ckpt_dir / name), digest + "\n")
                 self._prune()
             except (OSError, RuntimeError) as e:
                 error = self._write_error(path, e)
@@ -302,6 +338,7 @@ class Run:
         """Drop periodic checkpoints beyond keep_last (last.pt / best.pt are hard links: they survive),
         and DeepSpeed shard folders no kept checkpoint refers to."""
         for p in periodic_files(self.ckpt_dir)[self.cfg.checkpoint.keep_last:]:
+            sidecar(p).unlink(missing_ok=True)     # uncommit first: a half-pruned file is never trusted
             p.unlink(missing_ok=True)
         if self.rt.deepspeed:
             wanted = {f"ds_{p.stem}" for p in periodic_files(self.ckpt_dir)}

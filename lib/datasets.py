@@ -22,6 +22,7 @@ import math
 import os
 import pickle
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,7 +142,9 @@ def read_pixel_csv(path):
     with open(path) as f:
         ncols = len(f.readline().strip().split(","))
     try:
-        table = np.loadtxt(path, delimiter=",", skiprows=header, dtype=np.int64, ndmin=2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")      # "input contained no data" is reported below, once
+            table = np.loadtxt(path, delimiter=",", skiprows=header, dtype=np.int64, ndmin=2)
     except ValueError:
         _report_bad_csv_row(path, header, ncols)
         raise
@@ -379,6 +382,10 @@ def image_csv(d, ctx):
         rows = [(r[d.image_col], (r[d.label_col] or "").strip(), i + 2) for i, r in enumerate(reader)]
     if not rows:
         raise UserError(f"{table} has no rows; it needs one row per image.")
+    empty = [r[2] for r in rows if not r[1] or not r[0].strip()]
+    if empty:
+        raise UserError(f"{table} line {empty[0]} has an empty {d.image_col} or {d.label_col} ({len(empty)} such "
+                        f"rows); every row needs a file name and a label.")
     names = [r[1] for r in rows]
     if all(re.fullmatch(r"-?\d+", n) for n in names):
         labels = [int(n) for n in names]

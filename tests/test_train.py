@@ -58,7 +58,7 @@ def test_resume_auto_continues_the_run(tmp_path):
     args = ["train.py", *TINY, "name=r", "train.epochs=2"]
     ok(script(*args, cwd=tmp_path))
     out = ok(script(*args[:-1], "train.epochs=3", cwd=tmp_path))
-    assert "resumed from runs/r/checkpoints/last.pt at epoch 3, batch 0, step 24" in out
+    assert "resumed from runs/r/checkpoints/step_00000024.pt at epoch 3, batch 0, step 24" in out
     epochs = [int(r.split(",")[0]) for r in (tmp_path / "runs/r/metrics.csv").read_text().splitlines()[1:]]
     assert epochs == [1, 2, 3]
     assert state_dict(tmp_path / "runs/r/checkpoints/last.pt")["epoch"] == 3

@@ -1,0 +1,350 @@
+"""Faults, provoked for real: SIGKILL mid-epoch then exact resume (train / finetune / gan, 1 and 2
+processes), torchrun --max-restarts after a killed worker, damaged and uncommitted checkpoints, a
+full disk, non-finite losses, one rank failing, malicious checkpoints, and a fuzz of bad configs
+and bad data files (exit 2, one line, no traceback, nothing written)."""
+import io
+import json
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import time
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+import helpers
+from helpers import PY, REPO, ok, read_jsonl, script, state_dict, torchrun
+
+QUIET = ["log.plots=false", "log.progress=false"]
+TRAIN = ["model.name=mlp", "model.hidden=[64]", "model.init={name: default}", "data.batch_size=64",
+         "train.epochs=2", "train.log_every=1", "checkpoint.every_steps=4", "name=run", *QUIET]
+GAN = ["--config", REPO / "configs/dcgan_digits.yaml", "gan.g_features=8", "gan.d_features=8", "gan.latent_dim=16",
+       "data.batch_size=64", "gan.sample_every=100", "gan.grid=16", "gan.ema=0.9", "train.log_every=1",
+       "train.epochs=2", "checkpoint.every_steps=4", "name=run", *QUIET]
+FINETUNE = ["model.name=mlp", "model.hidden=[64]", "data.classes=[5, 6, 7, 8, 9]", "finetune.freeze=backbone",
+            "finetune.weights={source}", "data.batch_size=32", "train.epochs=2", "train.log_every=1",
+            "checkpoint.every_steps=4", "name=run", *QUIET]
+CASES = {"train.py": TRAIN, "gan_train.py": GAN, "finetune.py": FINETUNE}
+
+
+def _kill_tree(proc):
+    """SIGKILL a launcher and everything under it (torchrun's workers live in their own sessions)."""
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+    except psutil.NoSuchProcess:
+        return
+    for p in family:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=30)
+
+
+def _start(cmd, cwd):
+    return subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=helpers.env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _wait_for_step(run_dir, step, proc, timeout=120):
+    deadline = time.time() + timeout
+    path = run_dir / "metrics.jsonl"
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"finished before step {step}:\n{proc.stdout.read()[-3000:]}")
+        if path.exists():
+            rows = path.read_text().splitlines()
+            if rows and json.loads(rows[-1])["step"] >= step:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def _launch(script_name, launcher):
+    prefix = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--monitor-interval=0.5"] \
+        if launcher == "torchrun" else [PY]
+    return prefix + [REPO / script_name]
+
+
+def _losses(run_dir):
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    return [(r["step"], {k: v for k, v in r.items() if k.startswith("train/")}) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A folder holding the fine-tuning source weights (a train.py checkpoint on digits 0-4)."""
+    root = tmp_path_factory.mktemp("faults")
+    ok(script("train.py", "model.name=mlp", "model.hidden=[64]", "data.classes=[0, 1, 2, 3, 4]", "train.epochs=1",
+              "name=source", *QUIET, cwd=root))
+    (root / "source.pt").write_bytes((root / "runs/source/checkpoints/last.pt").read_bytes())
+    return root
+
+
+@pytest.mark.parametrize("launcher", ["python", "torchrun"])
+@pytest.mark.parametrize("script_name", list(CASES))
+def test_sigkill_mid_epoch_then_resume_is_bit_exact(work, script_name, launcher):
+    args = [str(a).format(source=work / "source.pt") for a in CASES[script_name]]
+    base = work / f"{script_name[:-3]}_{launcher}"
+    ref_dir, cut_dir = base / "reference", base / "interrupted"
+    for d in (ref_dir, cut_dir):
+        d.mkdir(parents=True)
+    cmd = _launch(script_name, launcher) + args
+    ref = _start(cmd, ref_dir)
+    assert ref.wait(timeout=300) == 0, ref.stdout.read()[-3000:]
+    cut = _start(cmd, cut_dir)
+    _wait_for_step(cut_dir / "runs/run", 7, cut)            # past the step-4 checkpoint, mid-epoch
+    _kill_tree(cut)
+    killed_at = read_jsonl(cut_dir / "runs/run/metrics.jsonl")[-1]["step"]
+    again = _start(cmd, cut_dir)
+    out = again.communicate(timeout=300)[0]
+    assert again.returncode == 0, out[-3000:]
+    resumed = int(re.search(r"resumed from \S+ at epoch \d+, (?:batch \d+, )?step (\d+)", out).group(1))
+    assert resumed % 4 == 0 and resumed <= killed_at
+    a = state_dict(ref_dir / "runs/run/checkpoints/last.pt")
+    b = state_dict(cut_dir / "runs/run/checkpoints/last.pt")
+    parts = [k for k in ("model", "generator", "discriminator", "ema") if k in a]
+    for part in parts:                                       # weights: bit for bit
+        for k, v in a[part].items():
+            assert torch.equal(v, b[part][k]), f"{part}.{k}"
+    if "fixed_noise" in a:
+        assert torch.equal(a["fixed_noise"], b["fixed_noise"])
+    assert _losses(ref_dir / "runs/run") == _losses(cut_dir / "runs/run")   # every step's losses
+
+
+def test_torchrun_max_restarts_recovers_a_killed_worker(work):
+    cwd = work / "restarts"
+    cwd.mkdir()
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--monitor-interval=0.5",
+           "--max-restarts=1", REPO / "train.py", *TRAIN]
+    proc = _start(cmd, cwd)
+    _wait_for_step(cwd / "runs/run", 6, proc)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    victim = [w for w in workers if "train.py" in " ".join(w.cmdline())][-1]
+    victim.kill()                                            # kill -9 one rank
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-4000:]
+    assert "resumed from" in out
+    reference = state_dict(work / "train_torchrun/reference/runs/run/checkpoints/last.pt") \
+        if (work / "train_torchrun/reference").exists() else None
+    final = state_dict(cwd / "runs/run/checkpoints/last.pt")
+    assert final["step"] == 2 * (1438 // 2 // 64 + 1) and final["world_size"] == 2
+    if reference is not None:
+        for k, v in reference["model"].items():
+            assert torch.equal(v, final["model"][k]), k
+
+
+@pytest.fixture
+def trained(tmp_path):
+    ok(script("train.py", *TRAIN, "train.epochs=1", cwd=tmp_path))
+    return tmp_path, tmp_path / "runs/run/checkpoints"
+
+
+def test_damaged_or_uncommitted_newest_checkpoint_falls_back_with_a_warning(trained):
+    cwd, ckpts = trained
+    newest = max(ckpts.glob("step_*.pt"))
+    older = sorted(ckpts.glob("step_*.pt"))[-2]
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF                             # one flipped byte: torch.load alone misses it
+    newest.write_bytes(data)
+    (ckpts / "step_99999999.pt").write_bytes(b"half a checkpoint")   # a save cut short: no .sha256
+    out = ok(script("train.py", *TRAIN, cwd=cwd))
+    assert f"warning: skipping damaged checkpoint: {newest.relative_to(cwd)} is damaged (its SHA-256 does not match" in out
+    assert "step_99999999.pt was never committed" in out
+    assert f"resumed from {older.relative_to(cwd)}" in out
+
+
+def test_full_disk_keeps_the_previous_checkpoint_and_says_so(trained):
+    cwd, ckpts = trained
+    before = {p.name: p.read_bytes() for p in ckpts.iterdir()}
+
+    def small_files():                                       # any file over 1 MB fails like a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    model = ["model.hidden=[2048]"]                           # checkpoints of ~20 MB
+    ok(script("train.py", *TRAIN, "train.epochs=1", "name=big", *model, cwd=cwd))
+    big = cwd / "runs/big/checkpoints"
+    before = {p.name: p.read_bytes() for p in big.iterdir()}
+    p = subprocess.run([PY, REPO / "train.py", *TRAIN, "name=big", *model], cwd=cwd, env=helpers.env(),
+                       capture_output=True, text=True, preexec_fn=small_files, timeout=300)
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    assert "stopped: could not write checkpoint" in p.stderr and "the disk is full" in p.stderr
+    assert "the previous checkpoint is intact" in p.stderr
+    after = {q.name: q.read_bytes() for q in big.iterdir()}
+    assert after == before                                   # nothing lost, no temporary files left
+
+
+def test_nonfinite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    diverge = ["optim.name=sgd", "optim.lr=1.0e+6"]
+    r = script("train.py", *TRAIN, *diverge, "checkpoint.every_steps=1", cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    bad = int(re.search(r"the loss became NaN or infinite at optimizer step (\d+)", r.stderr).group(1))
+    assert "nothing was saved after it" in r.stderr
+    last = state_dict(tmp_path / "runs/run/checkpoints/last.pt")
+    assert last["step"] < bad and all(torch.isfinite(v).all() for v in last["model"].values())
+    out = ok(script("train.py", *TRAIN, *diverge, "train.on_nonfinite=skip", "name=skip", cwd=tmp_path))
+    rows = (tmp_path / "runs/skip/metrics.csv").read_text().splitlines()
+    skipped = int(float(rows[-1].split(",")[rows[0].split(",").index("train/skipped_steps")]))
+    assert skipped > 0
+    final = state_dict(tmp_path / "runs/skip/checkpoints/last.pt")
+    assert all(torch.isfinite(v).all() for v in final["model"].values())
+
+
+def test_one_failing_rank_ends_the_job_with_its_own_error(tmp_path):
+    root = helpers.write_image_folder(tmp_path / "imgs", n=96, size=8, split=False)
+    files = sorted(root.rglob("*.png"))
+    from lib import config, datasets
+    cfg = config.load(config.Config, None, ["data.name=image_folder", f"data.images={root}", "data.image_size=8"])
+    spec = datasets.DATASETS.get("image_folder")(cfg.data, None)
+    victim = Path(spec.train.files[9])                       # odd index: rank 1 of 2 reads it (no shuffle)
+    victim.write_bytes(b"not a png")
+    t = time.perf_counter()
+    r = torchrun("train.py", "data.name=image_folder", f"data.images={root}", "data.image_size=8",
+                 "data.loader=dataloader", "data.num_workers=0", "data.shuffle=false", "data.batch_size=4",
+                 "model.name=mlp", "dist.timeout_s=20", "train.epochs=3", *QUIET, cwd=tmp_path, timeout=200)
+    elapsed = time.perf_counter() - t
+    assert r.returncode != 0 and elapsed < 90, elapsed
+    output = r.stdout + r.stderr
+    assert f"[rank 1] error: could not read image {victim}" in output
+    assert "Watchdog" not in output and "Traceback" not in output.split("[rank 1] error")[0]
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_malicious_checkpoints_are_refused_without_running_code(tmp_path):
+    torch.save({"model": {"w": torch.zeros(1)}, "x": _Evil()}, tmp_path / "evil.pt")
+    for arg in ("model.weights=evil.pt", "checkpoint.resume=evil.pt"):
+        msg = helpers.user_error(script("train.py", arg, *QUIET, cwd=tmp_path))
+        assert "evil.pt is damaged or not a checkpoint of this package" in msg
+    msg = helpers.user_error(script("finetune.py", "finetune.weights=evil.pt", "model.name=mlp", *QUIET, cwd=tmp_path))
+    assert "damaged or not a checkpoint" in msg
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_no_unsafe_loading_in_the_code_base():
+    patterns = [r"weights_only\s*=\s*False", r"yaml\.load\(", r"yaml\.unsafe_load", r"(?<![\w.])exec\(",
+                r"(?<![\w.])eval\(", r"pickle\.loads?\(", r"torch\.load\((?![^)]*weights_only=True)"]
+    offenders = []
+    for path in list(REPO.glob("*.py")) + list((REPO / "lib").rglob("*.py")):
+        text = path.read_text()
+        offenders += [f"{path.name}: {p}" for p in patterns if re.search(p, text)]
+    assert offenders == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Fuzz: bad configs and bad data files through the real command line, in this process
+# ---------------------------------------------------------------------------------------------
+
+def _cli(script_name, args, cwd):
+    """Run <script>.main through lib.cli exactly as `python <script> args` does; (code, stdout, stderr)."""
+    import importlib
+    module = importlib.import_module(script_name[:-3])
+    out, err = io.StringIO(), io.StringIO()
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            code = module.cli.run(module.main, argv=[str(a) for a in args], **_script_kwargs(module))
+    finally:
+        os.chdir(old)
+    return code, out.getvalue(), err.getvalue()
+
+
+def _script_kwargs(module):
+    kw = {"description": module.__doc__}
+    if hasattr(module, "DEFAULT_CONFIG"):
+        kw["default_config"] = module.DEFAULT_CONFIG
+    if hasattr(module, "DEFAULTS"):
+        kw["script_defaults"] = module.DEFAULTS
+        kw["schema"] = {"gan_train": "GanConfig", "finetune": "FinetuneConfig"}[module.__name__]
+        from lib import config
+        kw["schema"] = getattr(config, kw["schema"])
+    return kw
+
+
+BAD_CONFIGS = [
+    "optim.lrr=0.1", "optimizer.lr=0.1", "train.epoch=3", "train.epochs=ten", "train.epochs=-1",
+    "train.precision=fp8", "train.grad_accum=0", "data.batch_size=0", "data.batch_size=1.5", "data.name=imagenet",
+    "data.image_size=2", "data.channels=2", "data.classes=3", "data.classes=[1, 1]", "data.val_fraction=1.5",
+    "data.augment=heavy", "data.loader=fast", "model.name=resnet19", "model.hidden=wide", "model.init={name: kaiming}",
+    "model.init={name: eye, conv: {name: dirac}, gain: 2}", "loss.name=triplet_margin", "loss.name=crossentropy",
+    "loss.reduction=sum", "optim.name=adamm", "optim.lr=0", "optim.momentum=0.9",
+    "optim.param_groups=[{lr: 0.1}]", "sched.name=cosin", "sched.warmup_epochs=-1", "sched.step_size=oops",
+    "checkpoint.keep_last=0", "checkpoint.monitor=val/f1", "checkpoint.resume=nowhere.pt", "dist.gpus=x",
+    "dist.timeout_s=0", "name=../escape", "log.wandb.mode=cloud", "data.name=csv", "train.clip_grad_norm=-1",
+    "=5", "justaword",
+]
+
+
+@pytest.mark.parametrize("override", BAD_CONFIGS)
+def test_fuzz_bad_configs(tmp_path, override):
+    code, out, err = _cli("train.py", [override, *QUIET], tmp_path)
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert code == 2, (override, out[-500:], err[-1500:])
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err + out, err
+    assert list(tmp_path.iterdir()) == [], "something was written"
+
+
+def _bad_data_files(root):
+    """(name, overrides) of malformed data files in their real formats."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    cases = []
+    good = helpers.write_pixel_csv(root / "good.csv", n=30)
+    lines = good.read_text().splitlines()
+    for name, text in {
+        "short_row.csv": "\n".join(lines[:5] + [lines[5].rsplit(",", 3)[0]] + lines[6:]),
+        "text_cell.csv": "\n".join(lines[:3] + ["7," + ",".join(["x"] * 784)] + lines[4:]),
+        "negative_label.csv": "\n".join(lines[:2] + ["-1" + lines[2][1:]] + lines[3:]),
+        "pixel_300.csv": "\n".join(lines[:2] + [lines[2].rsplit(",", 1)[0] + ",300"] + lines[3:]),
+        "not_square.csv": "label,a,b\n1,2,3\n",
+        "empty.csv": "label," + ",".join(f"pixel{i}" for i in range(784)) + "\n",
+    }.items():
+        (root / name).write_text(text + "\n")
+        cases.append((name, ["data.name=csv", f"data.csv={root / name}"]))
+    for i, (stem, mutate) in enumerate([("trunc", lambda b: b[:-50]), ("magic", lambda b: b"\x00\x00\x09\x03" + b[4:])]):
+        d = root / f"mnist_{stem}"
+        helpers.write_mnist_like(d, "MNIST", n_train=20, n_val=10, gz=False)
+        f = d / "MNIST" / "raw" / "train-images-idx3-ubyte"
+        f.write_bytes(mutate(f.read_bytes()))
+        cases.append((f"idx_{stem}", ["data.name=mnist", f"data.root={d}", "data.download=false"]))
+    cifar = root / "cifar_bad"
+    helpers.write_cifar10(cifar, n_per_batch=10, n_val=10)
+    (cifar / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"garbage")
+    cases.append(("cifar_garbage", ["data.name=cifar10", f"data.root={cifar}", "data.download=false"]))
+    ic = helpers.write_image_csv(root / "ic", n=20, size=8)
+    (ic / "labels.csv").write_text("Image_index,label\nimg_0000.png,0\nimg_0001.png,\n")
+    cases.append(("image_csv_no_label", ["data.name=image_csv", f"data.csv={ic / 'labels.csv'}",
+                                         f"data.images={ic / 'images'}", "model.num_classes=2"]))
+    folder = helpers.write_image_folder(root / "folder", n=20, size=8, split=False)
+    next(folder.rglob("*.png")).write_bytes(b"\x89PNG broken")
+    cases.append(("image_folder_corrupt", ["data.name=image_folder", f"data.images={folder}", "data.image_size=8"]))
+    empty = root / "empty_folder"
+    (empty / "class_a").mkdir(parents=True)
+    cases.append(("image_folder_empty", ["data.name=image_folder", f"data.images={empty}"]))
+    return cases
+
+
+def test_fuzz_bad_data_files(tmp_path):
+    data_root = tmp_path / "data_files"
+    cases = _bad_data_files(data_root)
+    assert len(cases) >= 10
+    for name, args in cases:
+        cwd = tmp_path / f"cwd_{name}"
+        cwd.mkdir()
+        code, out, err = _cli("train.py", [*args, "data.cache=false", *QUIET], cwd)
+        lines = [l for l in err.strip().splitlines() if l.strip()]
+        assert code == 2, (name, out[-500:], err[-1500:])
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err + out, (name, err)
+        assert list(cwd.iterdir()) == [], f"{name}: something was written"
