@@ -23,6 +23,7 @@ import os
 import pickle
 import re
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -738,8 +739,12 @@ def _collate(items):
 
 
 class _ShardSampler(torch.utils.data.Sampler):
+    """Feeds the DataLoader this rank's indices from the current start batch on. It holds its loader
+    weakly: a reference cycle would leave the DataLoader to the cyclic GC, which finalizes its queues
+    in any order and then waits 5 s per worker to shut them down."""
+
     def __init__(self, loader):
-        self.loader = loader
+        self.loader = weakref.proxy(loader)
 
     def __iter__(self):
         lo = self.loader
