@@ -110,8 +110,12 @@ def evaluate(model, loader, loss_fn, rt, task, num_classes=None):
     if rt.lockstep_eval:   # ZeRO-3: ranks with fewer batches run throw-away forwards so gathers line up
         most = torch.tensor([len(loader)], device=rt.device)
         rt.all_reduce_(most, op="max")
-        for _ in range(int(most.item()) - len(loader)):
-            model(next(iter(loader))[0] if len(loader) else torch.zeros(1, *loader.x.shape[1:], device=rt.device))
+        extra = int(most.item()) - len(loader)
+        if extra and len(loader) == 0:
+            raise RunError("a process got no validation samples under ZeRO-3; use a validation set at least as "
+                           "large as the number of processes.")
+        for _ in range(extra):
+            model(next(iter(loader))[0])
     if not meter.sums:  # this rank got no samples: add zeros with the same keys as the others
         empty = torch.zeros(0, num_classes, device=rt.device)
         target = torch.zeros(0, dtype=torch.long, device=rt.device) if task == "classification" else empty
@@ -139,16 +143,14 @@ class NonFiniteGuard:
         if self.policy == "skip":
             self.skipped += (~finite).long()
             return {k: torch.where(finite, torch.as_tensor(v, device=finite.device), 0) for k, v in stats.items()}
-        self.first_bad = torch.where((self.first_bad < 0) & ~finite, torch.tensor(step, device=finite.device),
-                                     self.first_bad)
+        self.first_bad = torch.where((self.first_bad < 0) & ~finite, step, self.first_bad)   # no host copy
         return stats
 
     def check(self, where):
         """Raise RunError on every rank if any rank saw a non-finite loss (policy stop)."""
         if self.policy == "skip":
             return
-        bad = self.first_bad.clone()
-        bad = torch.where(bad < 0, torch.tensor(2**62, device=bad.device), bad)
+        bad = torch.where(self.first_bad < 0, 2**62, self.first_bad)
         self.rt.all_reduce_(bad, op="min")
         step = int(bad.item())
         if step < 2**62:

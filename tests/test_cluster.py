@@ -16,7 +16,7 @@ from lib import runtime
 
 SHIMS = REPO / "tests" / "shims"
 SAME = ["model.name=mlp", "model.hidden=[64]", "data.shuffle=false", "train.epochs=1", "sched.name=none",
-        "optim.name=sgd", "optim.lr=0.1", "optim.momentum=0.9"]
+        "optim.name=sgd", "optim.lr=0.1", "optim.momentum=0.9", "log.plots=false"]
 
 
 def _free_port():
@@ -70,7 +70,7 @@ def _wait(proc, timeout=240):
 
 def test_slurm_template_sigusr1_checkpoints_requeues_and_resumes(tmp_path):
     job = str(random.randint(100000, 999999))
-    proc, log = _sbatch(tmp_path, "train.sh", "train.epochs=40 train.log_every=2", job)
+    proc, log = _sbatch(tmp_path, "train.sh", "train.epochs=40 train.log_every=2 log.plots=false", job)
     metrics = tmp_path / "runs/default/metrics.jsonl"
     deadline = time.time() + 180
     while not metrics.exists() and proc.poll() is None and time.time() < deadline:
@@ -93,7 +93,8 @@ def test_slurm_template_sigusr1_checkpoints_requeues_and_resumes(tmp_path):
     stopped = state_dict(tmp_path / "runs/default/checkpoints/last.pt")
     assert 0 < stopped["step"] < 40 * 12 and stopped["world_size"] == 2
     # The requeued job starts the same script again and continues from that checkpoint.
-    proc, log = _sbatch(tmp_path, "train.sh", "train.epochs=40 train.max_steps=" + str(stopped["step"] + 3), job)
+    proc, log = _sbatch(tmp_path, "train.sh", f"train.epochs=40 log.plots=false train.max_steps={stopped['step'] + 3}",
+                        job)
     out = _wait(proc)
     assert proc.returncode == 0, out[-3000:]
     assert f"step {stopped['step']}" in (tmp_path / "node0.log").read_text().split("resumed from")[1].splitlines()[0]

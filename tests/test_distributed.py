@@ -10,7 +10,7 @@ from lib import config, runtime
 from lib.errors import UserError
 
 SAME = ["model.name=mlp", "model.hidden=[64]", "data.shuffle=false", "train.epochs=2", "sched.name=cosine",
-        "optim.name=sgd", "optim.lr=0.1", "optim.momentum=0.9"]
+        "optim.name=sgd", "optim.lr=0.1", "optim.momentum=0.9", "log.plots=false"]
 
 
 def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(tmp_path):
@@ -27,8 +27,8 @@ def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(tmp_path):
 
 def test_evaluation_is_exact_across_process_counts(tmp_path):
     """359 validation samples, 2 processes x 16 per batch: nothing padded, nothing counted twice."""
-    ok(script("train.py", *SAME, "train.epochs=1", cwd=tmp_path))
-    common = [*SAME, "train.epochs=1", "data.eval_batch_size=16", "--eval-only"]
+    ok(script("train.py", *SAME, "train.epochs=1", "train.max_steps=5", cwd=tmp_path))
+    common = [*SAME, "train.epochs=1", "train.max_steps=5", "data.eval_batch_size=16", "--eval-only"]
     one = json.loads(ok(script("train.py", *common, cwd=tmp_path)).split("eval: ")[1].splitlines()[0])
     two = json.loads(ok(torchrun("train.py", *common, cwd=tmp_path)).split("eval: ")[1].splitlines()[0])
     assert one["val/samples"] == two["val/samples"] == 359
@@ -39,7 +39,7 @@ def test_evaluation_is_exact_across_process_counts(tmp_path):
 def test_accelerate_launch_runs_one_two_process_job(tmp_path):
     cmd = [helpers.PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(helpers.REPO / "train.py"), "train.epochs=1", "train.precision=bf16"]
+           str(helpers.REPO / "train.py"), "train.epochs=1", "train.precision=bf16", "log.plots=false"]
     out = ok(helpers.run(cmd, tmp_path))
     assert "DDP, 2 process(es)" in out and "launcher accelerate launch" in out and "precision bf16" in out
     assert state_dict(tmp_path / "runs/default/checkpoints/last.pt")["world_size"] == 2

@@ -116,6 +116,9 @@ def test_sigkill_mid_epoch_then_resume_is_bit_exact(work, script_name, launcher)
     if "fixed_noise" in a:
         assert torch.equal(a["fixed_noise"], b["fixed_noise"])
     assert _losses(ref_dir / "runs/run") == _losses(cut_dir / "runs/run")   # every step's losses
+    epochs = [[r.split(",")[0] for r in (d / "runs/run/metrics.csv").read_text().splitlines()]
+              for d in (ref_dir, cut_dir)]
+    assert epochs[0] == epochs[1] == ["epoch", "1", "2"]      # one row per epoch, none lost or doubled
 
 
 def test_torchrun_max_restarts_recovers_a_killed_worker(work):

@@ -9,9 +9,10 @@ import torch
 import helpers
 from helpers import ok, script, state_dict, torchrun, user_error
 
-PRETRAIN = ["--config", helpers.REPO / "configs/resnet_digits.yaml", "data.image_size=16", "train.epochs=4"]
+PRETRAIN = ["--config", helpers.REPO / "configs/resnet_digits.yaml", "data.image_size=16", "train.epochs=4",
+            "log.plots=false"]
 FINETUNE = ["--config", helpers.REPO / "configs/finetune_digits.yaml", "data.image_size=16", "train.epochs=15",
-            "finetune.weights=runs/digits04/checkpoints/best.pt"]
+            "finetune.weights=runs/digits04/checkpoints/best.pt", "log.plots=false"]
 
 
 @pytest.fixture(scope="module")

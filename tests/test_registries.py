@@ -66,7 +66,10 @@ def _forward_backward(model, shape, k):
     assert not missing, f"no gradient for {missing[:3]}"
 
 
-@pytest.mark.parametrize("name", sorted(n for n in MODELS if not n.endswith("*")))
+CLASSIFIERS = sorted(n for n in MODELS if not n.endswith("*") and "generation" not in MODELS.meta(n).get("tasks", ()))
+
+
+@pytest.mark.parametrize("name", CLASSIFIERS)
 def test_every_model_builds_and_trains(name):
     case = MODEL_CASES[name]
     shape = case["input_shape"]
@@ -80,7 +83,18 @@ def test_every_model_builds_and_trains(name):
 
 
 def test_every_registered_model_is_covered():
-    assert set(n for n in MODELS if not n.endswith("*")) == set(MODEL_CASES)
+    generators = {"dcgan_generator", "dcgan_discriminator"}          # shapes: tests/test_gan.py
+    assert set(n for n in MODELS if not n.endswith("*")) == set(MODEL_CASES) | generators
+
+
+@pytest.mark.parametrize("name", ["dcgan_generator", "dcgan_discriminator"])
+def test_dcgan_registry_entries(name):
+    net = MODELS.get(name)(channels=3, image_size=32, features=8)
+    x = torch.randn(2, 64, 1, 1) if name == "dcgan_generator" else torch.randn(2, 3, 32, 32)
+    out = net(x)
+    assert out.shape == ((2, 3, 32, 32) if name == "dcgan_generator" else (2,))
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in net.parameters())
 
 
 @pytest.mark.parametrize("name", TORCHVISION_CASES)
