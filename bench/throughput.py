@@ -26,11 +26,13 @@ import tempfile
 import time
 from pathlib import Path
 
+CLOCK = time.perf_counter
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 MODELS = {"lenet": "lenet", "fashion_cnn": "fashion_cnn", "mlp": "mlp", "alexnet": "alexnet",
-          "convnet": "convnet", "resnet18": "torchvision:resnet18"}
+          "convnet": "convnet", "resnet18": "torchvision:resnet18", "linear": "mlp"}
 
 
 def parse():
@@ -43,8 +45,8 @@ def parse():
     p.add_argument("--precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--steps", type=int, default=20, help="optimizer steps per timed block")
-    p.add_argument("--rounds", type=int, default=5, help="alternating blocks of each loop")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per timed block (default: ~0.5 s)")
+    p.add_argument("--rounds", type=int, default=15, help="alternating blocks of each loop")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--loader", action="store_true", help="time the data path alone vs the seed-style pipeline")
     p.add_argument("--end-to-end", action="store_true", help="whole epochs on 60,000 FashionMNIST-format images")
@@ -52,6 +54,8 @@ def parse():
     p.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--data-root", default=None, help="FashionMNIST files for --end-to-end (default: written to a temp dir)")
     p.add_argument("--json", action="store_true", help="print one JSON line (for scripts)")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="cpu: this process's CPU time (steadier on a shared VM; CPU only)")
     return p.parse_args()
 
 
@@ -73,6 +77,8 @@ class Ours:
                      "train.log_every=1000000", "train.epochs=1000000", *data_overrides]
         if args.model == "resnet18":
             overrides.append("model.cifar_stem=true")
+        if args.model == "linear":                      # ~no compute: the step's fixed overhead shows
+            overrides.append("model.hidden=[]")
         cfg = config.load(config.Config, None, overrides)
         if args.device == "cpu":
             os.environ["CUDA_VISIBLE_DEVICES"] = ""
@@ -101,7 +107,7 @@ class Ours:
         cfg, torch = self.cfg, self.torch
         cfg.train.max_steps = self.state.step + steps
         images = 0
-        t = time.perf_counter()
+        t = CLOCK()
         while self.state.step < cfg.train.max_steps:
             start = self.state.step
             self.engine.train_one_epoch(self.state, self.data.train, self.step_fn, self.rt, self.log, self.run,
@@ -110,7 +116,7 @@ class Ours:
         self.guard.check("bench")                                # one host sync, as at a log step
         if self.rt.device.type == "cuda":
             torch.cuda.synchronize()
-        return images / (time.perf_counter() - t)
+        return images / (CLOCK() - t)
 
 
 class Bare:
@@ -141,7 +147,7 @@ class Bare:
     def block(self, steps):
         torch, F, b = self.torch, self.F, self.args.batch
         n = len(self.y)
-        t = time.perf_counter()
+        t = CLOCK()
         for _ in range(steps):
             if (self.i + 1) * b > n:
                 self.i = 0
@@ -155,17 +161,21 @@ class Bare:
             self.scaler.update()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        return steps * b / (time.perf_counter() - t)
+        return steps * b / (CLOCK() - t)
 
 
 def alternate(loops, args):
-    """Warm up each loop, then time `rounds` alternating blocks; medians of images/s."""
-    for loop in loops.values():
-        loop.block(max(3, args.steps // 4))
+    """Warm up each loop, then time `rounds` alternating blocks of ~0.5 s; medians of images/s.
+    Blocks that run back to back see the same machine, so the ratio is taken per round (this VM's
+    speed drifts by tens of percent between rounds; the per-round ratio does not)."""
+    rate = max(loop.block(3) for loop in loops.values())        # warm-up, and a speed estimate
+    steps = args.steps or max(1, round(0.5 * rate / args.batch))
     results = {name: [] for name in loops}
     for _ in range(args.rounds):
         for name, loop in loops.items():
-            results[name].append(loop.block(args.steps))
+            results[name].append(loop.block(steps))
+    alternate.steps = steps
+    alternate.rounds = {name: [round(v) for v in values] for name, values in results.items()}
     return {name: statistics.median(v) for name, v in results.items()}
 
 
@@ -233,8 +243,14 @@ def step_mode(args, tmp):
     ours = Ours(args, data, tmp)
     bare = Bare(ours, args)
     r = alternate({"ours": ours, "bare": bare}, args)
+    pairs = [o / b for o, b in zip(alternate.rounds["ours"], alternate.rounds["bare"])]
+    overhead_us = (args.batch / r["ours"] - args.batch / r["bare"]) * 1e6
     return {"mode": "step", **vars_of(args), "ours_img_s": round(r["ours"]), "bare_img_s": round(r["bare"]),
-            "ratio": round(r["ours"] / r["bare"], 3), "device": str(ours.rt.device)}
+            "ours_step_ms": round(1e3 * args.batch / r["ours"], 3), "bare_step_ms": round(1e3 * args.batch / r["bare"], 3),
+            "overhead_us_per_step": round(overhead_us),
+            "ratio": round(statistics.median(pairs), 3), "ratio_of_medians": round(r["ours"] / r["bare"], 3),
+            "ratio_quartiles": [round(q, 3) for q in statistics.quantiles(pairs, n=4)],
+            "steps_per_block": alternate.steps, "rounds": len(pairs), "device": str(ours.rt.device)}
 
 
 def loader_mode(args, tmp):
@@ -327,12 +343,15 @@ def ddp_worker(args, tmp):
 
 
 def vars_of(args):
-    return {"model": args.model, "image_size": args.image_size, "batch": args.batch,
+    return {"model": args.model, "image_size": args.image_size, "batch": args.batch, "clock": args.clock,
             "precision": args.precision, "channels_last": args.channels_last, "compile": args.compile}
 
 
 def main():
+    global CLOCK
     args = parse()
+    if args.clock == "cpu":
+        CLOCK = time.process_time
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)

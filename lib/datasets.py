@@ -536,8 +536,10 @@ def _existing(path, key, what, directory=False):
 class BatchTransform:
     """uint8 (B, C, H, W) on the device -> float (B, C', S, S): convert, resize, augment, normalize.
 
-    Augmentation is random per sample but drawn from a generator seeded by (seed, epoch, batch, rank),
-    so a resumed run draws exactly what the uninterrupted run drew.
+    When no resize or channel change is needed, augmentation runs on the uint8 bytes and conversion
+    plus normalization is one fused pass (x * 1/(255 std) - mean/std); otherwise the float image is
+    converted, resized and augmented first. Augmentation is random per sample but drawn from a
+    generator seeded by (seed, epoch, batch, rank), so a resumed run draws what the first one drew.
     """
 
     def __init__(self, spec, d, device, channels_last=False, channels=None):
@@ -552,21 +554,31 @@ class BatchTransform:
             mean, std = _norm_stats(spec, d, self)
             self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
             self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+            self.scale = 1.0 / (255.0 * self.std)                  # bytes -> normalized, in one pass
+            self.shift = -self.mean / self.std
 
     def __call__(self, x, seed=None):
         if self.sequence:
             return x.float()
-        x = self.to_unit(x)
-        if seed is not None and self.augment != "none":
-            x = self.random_augment(x, seed)
-        x = (x - self.mean) / self.std
+        augment = seed is not None and self.augment != "none"
+        if x.shape[1] == self.dst_channels and tuple(x.shape[2:]) == self.size:
+            if augment:
+                x = self.random_augment(x, seed)                   # on the uint8 bytes
+            x = x.float().mul_(self.scale).add_(self.shift)      # (x / 255 - mean) / std
+        else:
+            x = self.to_unit(x, scale=255.0)                       # float in 0..255, right size
+            if augment:
+                x = self.random_augment(x, seed)
+            x = x.mul_(self.scale).add_(self.shift)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def to_unit(self, x):
-        """uint8 -> float in [0, 1], channels converted, resized to the model's input."""
-        x = x.float().div_(255.0)
+    def to_unit(self, x, scale=1.0):
+        """uint8 -> float in [0, scale] (default [0, 1]), channels converted, resized to the model's input."""
+        x = x.float()
+        if scale != 255.0:
+            x = x.mul_(scale / 255.0)
         if self.dst_channels != x.shape[1]:
             if x.shape[1] == 1:
                 x = x.expand(-1, self.dst_channels, -1, -1)

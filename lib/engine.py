@@ -39,43 +39,50 @@ class Micro:
 
 
 class Meter:
-    """Running per-key sums on the device (float64); values are sums / count when read."""
+    """Running per-key sums: one float64 vector on the device (one stack and one add per step, no
+    host sync), the sample count on the host. Values are sums / count when read. A window (the
+    steps since the last log line) is the difference to a snapshot, so it costs nothing per step."""
 
     def __init__(self):
-        self.sums = {}
+        self.keys, self.sums, self.count = None, None, 0.0
+        self._mark = (None, 0.0)
 
     def add(self, stats):
-        for k, v in stats.items():
-            v = v.detach().double() if torch.is_tensor(v) else torch.tensor(float(v), dtype=torch.float64)
-            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+        if self.keys is None:
+            self.keys = sorted(k for k in stats if k != "count")
+        self.count += float(stats["count"])
+        v = torch.stack([torch.as_tensor(stats[k], dtype=torch.float32) for k in self.keys])
+        self.sums = v.double() if self.sums is None else self.sums.add_(v)
 
-    def read(self, rt, reset=False, keep_count=False):
-        """Mean of each key over all samples of all ranks (a collective: every rank must call it)."""
-        if not self.sums:
+    def read(self, rt, keep_count=False, since_mark=False):
+        """Mean of each key over all samples of all ranks (a collective: every rank must call it);
+        since_mark: over the samples added since the last call with since_mark (then mark now)."""
+        if self.keys is None:
             return {}
-        keys = sorted(self.sums)
-        device = next(iter(self.sums.values())).device
-        t = torch.stack([self.sums[k].to(device) for k in keys])
+        sums, count = self.sums, self.count
+        if since_mark:
+            mark_sums, mark_count = self._mark
+            self._mark = (sums.clone(), count)
+            if mark_sums is not None:
+                sums, count = sums - mark_sums, count - mark_count
+        t = torch.cat([sums, torch.tensor([count], dtype=torch.float64, device=sums.device)])
         rt.all_reduce_(t)
-        values = dict(zip(keys, t.tolist()))
+        values = dict(zip(self.keys + ["count"], t.tolist()))
         count = values.pop("count", 0.0)
-        if reset:
-            self.sums = {}
         out = {k: v / count if count else float("nan") for k, v in values.items()}
         return {**out, "samples": int(count)} if keep_count else out
 
 
-def classification_stats(out, y, loss):
-    """Per-batch sums: loss, top-1 and top-5 correct, and the sample count."""
+def classification_stats(out, y, loss, top5=False):
+    """Per-batch sums: loss, top-1 correct (and top-5 correct at evaluation), and the sample count."""
     b = y.shape[0]
-    stats = {"loss": loss.detach() * b, "acc": (out.argmax(1) == y).sum(), "count": b}
-    if out.shape[1] >= 5:
-        top5 = out.topk(5, dim=1).indices
-        stats["top5"] = (top5 == y[:, None]).any(1).sum()
+    stats = {"loss": loss.detach() * b, "acc": (out.argmax(1) == y).sum(dtype=torch.float32), "count": b}
+    if top5 and out.shape[1] >= 5:
+        stats["top5"] = (out.topk(5, dim=1).indices == y[:, None]).any(1).sum(dtype=torch.float32)
     return stats
 
 
-def regression_stats(out, y, loss):
+def regression_stats(out, y, loss, top5=False):
     b = y.shape[0]
     err = (out.detach().float() - y.float()) ** 2
     return {"loss": loss.detach() * b, "mse": err.reshape(b, -1).mean(1).sum(), "count": b}
@@ -104,7 +111,7 @@ def evaluate(model, loader, loss_fn, rt, task, num_classes=None):
             out = model(x)
             loss = loss_fn(out, y)
         out = out.float()
-        meter.add(STATS[task](out, y, loss))
+        meter.add(STATS[task](out, y, loss, top5=True))
         if confusion is not None:
             confusion += torch.bincount(y * num_classes + out.argmax(1), minlength=num_classes ** 2)
     if rt.lockstep_eval:   # ZeRO-3: ranks with fewer batches run throw-away forwards so gathers line up
@@ -116,10 +123,10 @@ def evaluate(model, loader, loss_fn, rt, task, num_classes=None):
                            "large as the number of processes.")
         for _ in range(extra):
             model(next(iter(loader))[0])
-    if not meter.sums:  # this rank got no samples: add zeros with the same keys as the others
+    if meter.keys is None:  # this rank got no samples: add zeros with the same keys as the others
         empty = torch.zeros(0, num_classes, device=rt.device)
         target = torch.zeros(0, dtype=torch.long, device=rt.device) if task == "classification" else empty
-        meter.add(STATS[task](empty, target, torch.zeros((), device=rt.device)))
+        meter.add(STATS[task](empty, target, torch.zeros((), device=rt.device), top5=True))
     values = meter.read(rt, keep_count=True)
     model.train(was_training)
     out = {f"val/{k}": v for k, v in values.items()}
@@ -130,29 +137,39 @@ def evaluate(model, loader, loss_fn, rt, task, num_classes=None):
 
 
 class NonFiniteGuard:
-    """Finds the first step whose loss is NaN/inf without a per-step host sync; checked when read."""
+    """Finds the first step whose loss is NaN/inf without a per-step host sync or kernel: it keeps
+    references to the steps' loss tensors and looks at them only when checked (log lines,
+    checkpoints, epoch ends), so it can name the exact step."""
 
     def __init__(self, rt, policy):
         self.rt, self.policy = rt, policy
-        self.first_bad = torch.full((), -1, dtype=torch.int64, device=rt.device)
+        self.pending = []                        # (step, loss tensor) since the last check
         self.skipped = torch.zeros((), dtype=torch.int64, device=rt.device)
 
     def watch(self, stats, step):
-        """Record a non-finite loss at `step`; under policy skip, drop the batch from the sums."""
-        finite = torch.isfinite(sum(v for k, v in stats.items() if k.startswith("loss")))
+        """Remember this step's loss; under policy skip, drop a non-finite batch from the sums."""
+        loss = sum(v for k, v in stats.items() if k.startswith("loss"))
         if self.policy == "skip":
+            finite = torch.isfinite(loss)
             self.skipped += (~finite).long()
             return {k: torch.where(finite, torch.as_tensor(v, device=finite.device), 0) for k, v in stats.items()}
-        self.first_bad = torch.where((self.first_bad < 0) & ~finite, step, self.first_bad)   # no host copy
+        self.pending.append((step, loss))
         return stats
 
     def check(self, where):
         """Raise RunError on every rank if any rank saw a non-finite loss (policy stop)."""
         if self.policy == "skip":
             return
-        bad = torch.where(self.first_bad < 0, 2**62, self.first_bad)
-        self.rt.all_reduce_(bad, op="min")
-        step = int(bad.item())
+        first = 2**62
+        if self.pending:
+            finite = torch.isfinite(torch.stack([l for _, l in self.pending]))
+            bad = torch.nonzero(~finite).flatten()
+            if len(bad):
+                first = self.pending[int(bad[0])][0]
+        self.pending = []
+        t = torch.tensor([first], dtype=torch.int64, device=self.rt.device)
+        self.rt.all_reduce_(t, op="min")
+        step = int(t.item())
         if step < 2**62:
             raise RunError(f"the loss became NaN or infinite at optimizer step {step + 1} ({where}); nothing was "
                            f"saved after it, so the last checkpoint is intact. Lower optim.lr, set "
@@ -164,16 +181,14 @@ def train_one_epoch(state, loader, step_fn, rt, log, run, objects, cfg, guard, o
     t = cfg.train
     loader.set_epoch(state.epoch, state.batch)
     n = len(loader)
-    epoch_meter, window = Meter(), Meter()
+    meter = Meter()
     log.start_epoch(state, n)
     tick, images = time.perf_counter(), 0
     for x, y in loader:
         group_start = state.batch - state.batch % t.grad_accum
         group = min(t.grad_accum, n - group_start)
         micro = Micro(update=state.batch + 1 == group_start + group, scale=1.0 / group)
-        stats = guard.watch(step_fn(x, y, micro), state.step)
-        epoch_meter.add(stats)
-        window.add(stats)
+        meter.add(guard.watch(step_fn(x, y, micro), state.step))
         images += y.shape[0]
         state.batch += 1
         log.advance(state)
@@ -185,16 +200,16 @@ def train_one_epoch(state, loader, step_fn, rt, log, run, objects, cfg, guard, o
         if state.step % t.log_every == 0:
             guard.check(f"epoch {state.epoch + 1}")
             elapsed = time.perf_counter() - tick
-            log.log_step(state, window.read(rt, reset=True), images * rt.world_size / max(elapsed, 1e-9))
+            log.log_step(state, meter.read(rt, since_mark=True), images * rt.world_size / max(elapsed, 1e-9))
             tick, images = time.perf_counter(), 0
         if rt.should_stop():
-            return epoch_meter.read(rt), True
+            return meter.read(rt), True
         if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
             guard.check(f"epoch {state.epoch + 1}")
             run.save(objects, state)
         if t.max_steps and state.step >= t.max_steps:
             break
-    metrics = epoch_meter.read(rt)
+    metrics = meter.read(rt)
     if state.batch >= n:
         state.epoch, state.batch = state.epoch + 1, 0
     return metrics, False

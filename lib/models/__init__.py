@@ -1,4 +1,4 @@
-"""MODELS registry and build_model(). Entries live in classic.py, resnet.py, lstm.py, tv.py (and dcgan.py).
+"""MODELS registry and build_model(). Entries live in classic.py, resnet.py, lstm.py, tv.py and dcgan.py.
 
 A builder takes what it needs of (num_classes, in_channels, image_size, input_shape) plus its own
 keyword arguments from the model section (`model: {name: mlp, hidden: [256, 128]}`).
@@ -10,7 +10,7 @@ from lib.registry import Registry, check_kwargs
 
 MODELS = Registry("model")
 
-from lib.models import classic, lstm, resnet, tv  # noqa: E402,F401  (they register themselves)
+from lib.models import classic, dcgan, lstm, resnet, tv  # noqa: E402,F401  (they register themselves)
 
 BUILT_IN_ARGS = ("num_classes", "in_channels", "image_size", "input_shape")
 
@@ -27,9 +27,12 @@ def check(cfg, task=None, kind=None):
     if kind is not None and meta.get("input", "image") not in (kind, "any"):
         raise UserError(f"model.name={m.name} takes {meta.get('input', 'image')} inputs but data.name="
                         f"{cfg.data.name} gives {kind}s; pick a matching model or dataset.")
-    if task is not None and task not in meta.get("tasks", ("classification",)):
-        raise UserError(f"model.name={m.name} cannot do {task} (data.name={cfg.data.name}); "
-                        f"use lstm or mlp for regression.")
+    tasks = meta.get("tasks", ("classification",))
+    if task is not None and task not in tasks:
+        fits = [n for n in MODELS if task in MODELS.meta(n).get("tasks", ("classification",))]
+        why = "; gan_train.py trains it" if "generation" in tasks else ""
+        raise UserError(f"model.name={m.name} does {' and '.join(tasks)}, not {task} (data.name={cfg.data.name})"
+                        f"{why}; for {task} use one of: {', '.join(fits)}.")
     return meta
 
 
