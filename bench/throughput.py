@@ -290,12 +290,15 @@ def end_to_end_mode(args, tmp):
                        "data.cache=false"], tmp)
     startup = time.perf_counter() - t0
     n_steps = len(ours.data.train)
-    epoch = {}
-    ours.block(5)                                             # warm-up
-    epoch["ours"] = ours.block(n_steps)                       # one full epoch of optimizer steps
     bare = Bare(ours, args)
-    bare.block(5)
-    epoch["bare"] = bare.block(n_steps)
+    # One epoch of each, in alternating blocks of ~0.5 s so that the machine's drift hits both.
+    rate = max(loop.block(3) for loop in (ours, bare))
+    per_block = max(1, round(0.5 * rate / args.batch))
+    args.steps, args.rounds = per_block, max(3, math.ceil(n_steps / per_block))
+    alternate({"ours": ours, "bare": bare}, args)
+    pairs = [o / b for o, b in zip(alternate.rounds["ours"], alternate.rounds["bare"])]
+    epoch = {name: args.batch * args.steps * len(v) / sum(args.batch * args.steps / r for r in v)
+             for name, v in alternate.rounds.items()}
     split = ours.data.spec.train
     seed = SeedStyle(split.x[:, 0].numpy(), split.y.numpy(), args.image_size, args.batch)
     model, opt = bare.model, bare.opt
@@ -314,24 +317,31 @@ def end_to_end_mode(args, tmp):
     return {"mode": "end-to-end", **vars_of(args), "images": len(split), "startup_s": round(startup, 2),
             "ours_img_s": round(epoch["ours"]), "bare_img_s": round(epoch["bare"]),
             "seed_img_s": round(epoch["seed"]), "ours_vs_seed": round(epoch["ours"] / epoch["seed"], 2),
-            "ours_vs_bare": round(epoch["ours"] / epoch["bare"], 3)}
+            "ours_vs_bare": round(epoch["ours"] / epoch["bare"], 3),
+            "ours_vs_bare_median_of_rounds": round(statistics.median(pairs), 3), "blocks": len(pairs)}
 
 
-def ddp_mode(args, tmp):
-    """This process alone (torch's threads), then the same under torchrun with 2 processes."""
+def ddp_mode(args, tmp, repeats=3):
+    """This process alone (torch's threads) and 2 processes under torchrun (1 thread each, gloo),
+    measured in turn `repeats` times; the ratio is the median of the pairs."""
     single = Ours(args, ["data.name=synthetic", f"data.channels={args.channels}", "data.num_samples=10000"], tmp)
-    rate1 = alternate({"ours": single}, args)["ours"]
-    single.rt.shutdown()
+    args.rounds = max(3, args.rounds // repeats)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
-           "--ddp-worker", "--json", *[a for a in sys.argv[1:] if a != "--ddp"]]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
-    line = [l for l in out.stdout.splitlines() if l.startswith("{")]
-    if out.returncode != 0 or not line:
-        raise SystemExit(f"torchrun failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    rate2 = json.loads(line[-1])["ours_img_s"]
+           "--ddp-worker", "--json", "--rounds", str(args.rounds), *[a for a in sys.argv[1:] if a not in ("--ddp", "--json")]]
+    ones, twos = [], []
+    for _ in range(repeats):
+        ones.append(alternate({"ours": single}, args)["ours"])
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+        line = [l for l in out.stdout.splitlines() if l.startswith("{")]
+        if out.returncode != 0 or not line:
+            raise SystemExit(f"torchrun failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+        twos.append(json.loads(line[-1])["ours_img_s"])
+    single.rt.shutdown()
     import torch
-    return {"mode": "ddp", **vars_of(args), "one_process_img_s": round(rate1), "threads": torch.get_num_threads(),
-            "two_process_global_img_s": round(rate2), "ratio": round(rate2 / rate1, 3)}
+    ratios = [t / o for o, t in zip(ones, twos)]
+    return {"mode": "ddp", **vars_of(args), "one_process_img_s": [round(v) for v in ones],
+            "threads": torch.get_num_threads(), "two_process_global_img_s": [round(v) for v in twos],
+            "ratio": round(statistics.median(ratios), 3), "ratios": [round(r, 3) for r in ratios]}
 
 
 def ddp_worker(args, tmp):
