@@ -68,13 +68,8 @@ def main(cfg):
     def evaluate():
         return engine.evaluate(rt.eval_model(wrapped), data.val, loss_fn, rt, task, inputs["num_classes"])
 
-    if cfg.train.eval_only:
-        import json
-        metrics = evaluate()
-        metrics.pop("confusion", None)
-        rt.print0("eval: " + json.dumps(metrics))
-        rt.shutdown()
-        return metrics
+    if cfg.train.eval_only:                             # evaluate the loaded weights; write nothing
+        return engine.evaluate_only(rt, evaluate)
     run.create(rt.env_info())
     if rt.is_main:
         (run.dir / "parameters.txt").write_text(report + "\n\n" + table + "\n")

@@ -5,7 +5,6 @@
     torchrun --nproc_per_node=4 gan_train.py --config configs/dcgan.yaml
     python gan_train.py --sample 100 --from runs/dcgan/checkpoints/last.pt     # 100 images from a checkpoint
 """
-import os
 import sys
 
 from lib import cli
@@ -29,7 +28,7 @@ def main(cfg):
     import torch
     import torch.nn.functional as F
 
-    from lib import checkpoint, datasets, engine, gan, logging, models, optim, runtime
+    from lib import checkpoint, datasets, engine, gan, logging, optim, runtime
 
     # 1) Check the config before touching data or files.
     gan.preflight(cfg)

@@ -6,7 +6,6 @@
     accelerate launch --config_file configs/accelerate/ddp.yaml train.py --config configs/resnet18_cifar10.yaml
     python train.py --config X.yaml --print-config             # the resolved config; no work done
 """
-import json
 import math
 import os
 import sys
@@ -63,11 +62,7 @@ def main(cfg):
         rt.print0(f"resumed from {run.resumed_from} at epoch {state.epoch + 1}, batch {state.batch}, "
                   f"step {state.step}")
     if cfg.train.eval_only:                             # evaluate the loaded weights; write nothing
-        metrics = evaluate()
-        metrics.pop("confusion", None)
-        rt.print0("eval: " + json.dumps(metrics))
-        rt.shutdown()
-        return metrics
+        return engine.evaluate_only(rt, evaluate)
     run.create(rt.env_info())
     log = logging.RunLogger(run.dir, cfg, rt, state, lr_fn=lambda: optimizer.param_groups[0]["lr"],
                             classes=data.spec.classes, started=cfg._started)

@@ -239,7 +239,7 @@ def time_loader(batches, n):
 # ---------------------------------------------------------------------------------------------
 
 def step_mode(args, tmp):
-    data = [f"data.name=synthetic", f"data.channels={args.channels}", "data.num_samples=10000"]
+    data = ["data.name=synthetic", f"data.channels={args.channels}", "data.num_samples=10000"]
     ours = Ours(args, data, tmp)
     bare = Bare(ours, args)
     r = alternate({"ours": ours, "bare": bare}, args)
@@ -255,7 +255,7 @@ def step_mode(args, tmp):
 
 def loader_mode(args, tmp):
     import torch
-    data = [f"data.name=synthetic", f"data.channels={args.channels}", "data.num_samples=20000"]
+    data = ["data.name=synthetic", f"data.channels={args.channels}", "data.num_samples=20000"]
     ours = Ours(args, data, tmp)
     split = ours.data.spec.train
     x_np = split.x.permute(0, 2, 3, 1).numpy()[..., 0] if args.channels == 1 else split.x.permute(0, 2, 3, 1).numpy()
@@ -282,7 +282,6 @@ def loader_mode(args, tmp):
 
 def end_to_end_mode(args, tmp):
     """Whole epochs over 60,000 FashionMNIST-format images: ours vs the seed pipeline vs bare."""
-    import torch
     import torch.nn.functional as F
     root = Path(args.data_root) if args.data_root else write_fashion_like(Path(tmp) / "data")
     t0 = time.perf_counter()

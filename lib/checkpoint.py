@@ -137,6 +137,16 @@ def load(path):
     return ckpt
 
 
+def load_user_file(path, key, kind="a .pt/.pth state dict or a checkpoint of this package"):
+    """load() for a file the user named (`key`=path): a missing or damaged file is a UserError."""
+    try:
+        return load(path)
+    except FileNotFoundError:
+        raise UserError(f"{key}={path}: no such file; give {kind}.") from None
+    except ValueError as e:
+        raise UserError(f"{key}: {e}.") from None
+
+
 def periodic_files(ckpt_dir, committed=False):
     """Periodic checkpoints, newest (highest step) first (only those with a .sha256 if committed)."""
     files = [p for p in Path(ckpt_dir).glob("step_*.pt") if p.stem[5:].isdigit()]

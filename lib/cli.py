@@ -7,7 +7,6 @@ fix (config, paths, data, launch), reported in one paragraph without a traceback
 written; 1 anything else. Imports stay light here: --help never imports torch.
 """
 import argparse
-import os
 import sys
 import time
 

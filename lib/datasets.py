@@ -17,7 +17,6 @@ validation sample counts exactly once (pytorch#25162).
 import csv
 import gzip
 import hashlib
-import io
 import math
 import os
 import pickle
@@ -277,7 +276,7 @@ def _mnist_like(d, ctx, name, folder, tv_class, classes):
         raise UserError(
             f"{name} is not in {root / folder / 'raw'} (missing {', '.join(s + '.gz' for s in missing())})"
             + ("" if d.download else " and data.download is false")
-            + f"; put the four IDX files there (gzipped or not), or set data.root to where they are.")
+            + "; put the four IDX files there (gzipped or not), or set data.root to where they are.")
     split = {}
     for part, (img_stem, lbl_stem) in _MNIST_FILES.items():
         img_path, lbl_path = _find_file(dirs, img_stem), _find_file(dirs, lbl_stem)

@@ -6,7 +6,6 @@ as `step_fn(x, y, micro)` and returns a dict of per-batch *sums* on the device p
 reported metric is sum / count, reduced across ranks only when it is read (no host-device sync per
 step).
 """
-import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -255,5 +254,11 @@ def fit(*, cfg, rt, run, log, state, train_loader, step_fn, eval_fn, objects, lr
     return metrics
 
 
-def images_per_second(count, seconds):
-    return count / seconds if seconds > 0 else math.nan
+def evaluate_only(rt, eval_fn):
+    """--eval-only: evaluate, print the metrics as one JSON line, leave the process group; no files."""
+    import json
+    metrics = eval_fn()
+    metrics.pop("confusion", None)
+    rt.print0("eval: " + json.dumps(metrics))
+    rt.shutdown()
+    return metrics

@@ -67,10 +67,7 @@ def load_source(cfg):
     w = cfg.finetune.weights
     if os.path.isfile(w):
         from lib import checkpoint
-        try:
-            ckpt = checkpoint.load(w)
-        except ValueError as e:
-            raise UserError(f"finetune.weights: {e}.") from None
+        ckpt = checkpoint.load_user_file(w, "finetune.weights")
         state = models.state_dict_of(ckpt)
         if not state:
             raise UserError(f"finetune.weights={w} holds no tensors; give a state dict or a checkpoint.")

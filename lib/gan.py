@@ -152,12 +152,7 @@ def sample_from_checkpoint(n, ckpt_path, out, seed):
     from lib.models.dcgan import Generator
     if not n or n < 1 or not ckpt_path:
         raise UserError("give both --sample N (N >= 1) and --from <checkpoint.pt>.")
-    try:
-        ckpt = checkpoint.load(ckpt_path)
-    except FileNotFoundError:
-        raise UserError(f"--from {ckpt_path}: no such file; point it at a gan_train.py checkpoint.") from None
-    except ValueError as e:
-        raise UserError(f"--from: {e}.") from None
+    ckpt = checkpoint.load_user_file(ckpt_path, "--from", "a checkpoint written by gan_train.py")
     if "generator" not in ckpt or "config" not in ckpt:
         raise UserError(f"{ckpt_path} is not a gan_train.py checkpoint (it has no generator).")
     cfg = from_dict(GanConfig, ckpt["config"], source=str(ckpt_path))

@@ -170,7 +170,7 @@ def ddp_reference(tmp_path_factory):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_equals_ddp_under_torchrun_and_zero2_resumes(tmp_path, stage, ddp_reference):
     ds = f"dist.deepspeed={REPO}/configs/deepspeed/zero{stage}.json"
-    out = ok(torchrun("train.py", *SAME, ds, cwd=tmp_path, timeout=400))
+    out = ok(torchrun("train.py", *SAME, ds, cwd=tmp_path, timeout=400))   # one epoch: 12 steps per rank
     assert f"DeepSpeed ZeRO-{stage}, 2 process(es)" in out
     ckpt = state_dict(tmp_path / "runs/default/checkpoints/last.pt")
     assert ckpt["deepspeed"] == f"ds_step_{ckpt['step']:08d}" and "optimizer" not in ckpt

@@ -4,7 +4,6 @@ import gzip
 import os
 import time
 
-import numpy as np
 import pytest
 import torch
 

@@ -9,7 +9,6 @@ import re
 import resource
 import signal
 import subprocess
-import sys
 import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -26,7 +25,7 @@ TRAIN = ["model.name=mlp", "model.hidden=[64]", "model.init={name: default}", "d
          "train.epochs=2", "train.log_every=1", "checkpoint.every_steps=4", "name=run", *QUIET]
 GAN = ["--config", REPO / "configs/dcgan_digits.yaml", "gan.g_features=8", "gan.d_features=8", "gan.latent_dim=16",
        "data.batch_size=64", "gan.sample_every=100", "gan.grid=16", "gan.ema=0.9", "train.log_every=1",
-       "train.epochs=2", "checkpoint.every_steps=4", "name=run", *QUIET]
+       "train.epochs=1", "checkpoint.every_steps=4", "name=run", *QUIET]
 FINETUNE = ["model.name=mlp", "model.hidden=[64]", "data.classes=[5, 6, 7, 8, 9]", "finetune.freeze=backbone",
             "finetune.weights={source}", "data.batch_size=32", "train.epochs=2", "train.log_every=1",
             "checkpoint.every_steps=4", "name=run", *QUIET]
@@ -118,7 +117,8 @@ def test_sigkill_mid_epoch_then_resume_is_bit_exact(work, script_name, launcher)
     assert _losses(ref_dir / "runs/run") == _losses(cut_dir / "runs/run")   # every step's losses
     epochs = [[r.split(",")[0] for r in (d / "runs/run/metrics.csv").read_text().splitlines()]
               for d in (ref_dir, cut_dir)]
-    assert epochs[0] == epochs[1] == ["epoch", "1", "2"]      # one row per epoch, none lost or doubled
+    assert epochs[0] == epochs[1] and epochs[0][0] == "epoch"   # one row per epoch, none lost or doubled
+    assert epochs[0][1:] == [str(e + 1) for e in range(len(epochs[0]) - 1)]
 
 
 def test_torchrun_max_restarts_recovers_a_killed_worker(work):
@@ -193,7 +193,7 @@ def test_nonfinite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp
     assert "nothing was saved after it" in r.stderr
     last = state_dict(tmp_path / "runs/run/checkpoints/last.pt")
     assert last["step"] < bad and all(torch.isfinite(v).all() for v in last["model"].values())
-    out = ok(script("train.py", *TRAIN, *diverge, "train.on_nonfinite=skip", "name=skip", cwd=tmp_path))
+    ok(script("train.py", *TRAIN, *diverge, "train.on_nonfinite=skip", "name=skip", cwd=tmp_path))
     rows = (tmp_path / "runs/skip/metrics.csv").read_text().splitlines()
     skipped = int(float(rows[-1].split(",")[rows[0].split(",").index("train/skipped_steps")]))
     assert skipped > 0
@@ -203,7 +203,6 @@ def test_nonfinite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp
 
 def test_one_failing_rank_ends_the_job_with_its_own_error(tmp_path):
     root = helpers.write_image_folder(tmp_path / "imgs", n=96, size=8, split=False)
-    files = sorted(root.rglob("*.png"))
     from lib import config, datasets
     cfg = config.load(config.Config, None, ["data.name=image_folder", f"data.images={root}", "data.image_size=8"])
     spec = datasets.DATASETS.get("image_folder")(cfg.data, None)

@@ -49,7 +49,7 @@ def test_round_trip_frozen_backbone_learns_new_digits(pretrained, launcher):
 
 
 def test_exported_model_loads_in_train_py_and_finetune_py(pretrained):
-    ok(script("finetune.py", *FINETUNE, "train.epochs=2", "name=ft_export", "finetune.head=[32]", cwd=pretrained))
+    ok(script("finetune.py", *FINETUNE, "train.epochs=1", "name=ft_export", "finetune.head=[32]", cwd=pretrained))
     out = ok(script("train.py", "--config", "runs/ft_export/model.yaml", cwd=pretrained))
     evaluated = re.search(r"eval: (\{.*\})", out).group(1)
     trained = state_dict(pretrained / "runs/ft_export/checkpoints/last.pt")["metrics"]

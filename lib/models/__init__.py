@@ -105,13 +105,7 @@ def probe(model, shape, where):
 def load_weights(model, path, where="model.weights"):
     """Load a state dict (.pt/.pth) or a checkpoint of this package into `model`, strictly."""
     from lib import checkpoint
-    try:
-        ckpt = checkpoint.load(path)
-    except FileNotFoundError:
-        raise UserError(f"{where}={path}: no such file; give a .pt/.pth state dict or a checkpoint.") from None
-    except ValueError as e:
-        raise UserError(f"{where}: {e}.") from None
-    state = state_dict_of(ckpt)
+    state = state_dict_of(checkpoint.load_user_file(path, where))
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise UserError(f"{where}={path} does not fit model {type(model).__name__}: missing "
