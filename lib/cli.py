@@ -41,6 +41,13 @@ def run(main, *, schema=config_mod.Config, description="", default_config=None, 
     code, or None to go on with training.
     """
     args = parse(sys.argv[1:] if argv is None else argv, schema, description, default_config, extra_args)
+    code = _run(main, args, schema, script_defaults, preflight, command)
+    if "lib.runtime" in sys.modules and argv is None:    # a real process, not a call from a test
+        return sys.modules["lib.runtime"].exit_now(code)
+    return code
+
+
+def _run(main, args, schema, script_defaults, preflight, command):
     try:
         if command is not None:
             code = command(args)

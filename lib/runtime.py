@@ -32,6 +32,7 @@ from lib.errors import UserError
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 CURRENT = None  # the Runtime of this process once setup() ran (for clean shutdown on errors)
+_GROUP_STARTED = False   # this process left a process group (see exit_now)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -592,11 +593,39 @@ class Runtime:
         self.restore_signal_handlers()
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():
+            global _GROUP_STARTED
+            _GROUP_STARTED = True
             if ok:
                 with contextlib.suppress(Exception):
                     dist.barrier(group=self._control_group)
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
+        self._control_group = None
+
+
+def exit_now(code):
+    """End a process that ran a process group without the interpreter's final teardown.
+
+    Gloo's worker threads outlive destroy_process_group() while anything refers to the group, and
+    a DDP module's C++ reducer keeps it referenced even after the module is freed. In the final
+    teardown such a thread can still be freeing the tensors of the last collective; it needs the
+    GIL, Python no longer hands it out, and the process aborts with 'terminate called without an
+    active exception' (SIGABRT after a successful run: 3 in 24 torchrun launches here with the CPUs
+    loaded; gdb shows ProcessGroupGloo::runLoop -> ~AsyncBarrierWork -> take_gil in Py_FinalizeEx).
+    So, after the run has said everything: run the atexit handlers (wandb, multiprocessing's
+    worker clean-up, logging) and the garbage collector while Python is whole, flush, and leave
+    with os._exit. Processes that never joined a group return and exit normally.
+    """
+    if not _GROUP_STARTED:
+        return code
+    import atexit
+    import gc
+    gc.collect()                 # DataLoader iterators shut their workers down in __del__
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def setup(cfg, notes=(), broadcast_buffers=True):
@@ -639,6 +668,8 @@ def _init_process_group(backend, timeout_s):
                               wait_for_workers=False, multi_tenant=not agent_store)
         store = dist.PrefixStore(f"/train/attempt_{restart_count()}", store)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+        global _GROUP_STARTED
+        _GROUP_STARTED = True
     except (RuntimeError, ValueError, OSError) as e:
         raise UserError(f"process {rank} of {world} could not join the others at {env['MASTER_ADDR']}:"
                         f"{env['MASTER_PORT']} ({str(e).splitlines()[0][:160]}); check MASTER_ADDR/MASTER_PORT, "
