@@ -105,6 +105,8 @@ def main(cfg):
     return metrics
 
 
+CLI = dict(schema=FinetuneConfig, description=__doc__, script_defaults=DEFAULTS,   # how lib.cli runs it
+           preflight="lib.finetune:preflight")
+
 if __name__ == "__main__":
-    sys.exit(cli.run(main, schema=FinetuneConfig, description=__doc__, script_defaults=DEFAULTS,
-                     preflight="lib.finetune:preflight"))
+    sys.exit(cli.run(main, **CLI))

@@ -46,8 +46,8 @@ def main(cfg):
     # 4) Build G and D (same init on every rank), their optimizers, the EMA and the fixed noise.
     g, d = gan.build_models(cfg, data)
     opt_g, opt_d = optim.build_optimizer(cfg.optim, g), optim.build_optimizer(cfg.optim, d)
-    g, opt_g = rt.prepare(g, opt_g, compile=cfg.train.compile)
-    d, opt_d = rt.prepare(d, opt_d, compile=cfg.train.compile)
+    g, opt_g = rt.prepare(g, opt_g, compile=cfg.train.compile, channels_last=cfg.train.channels_last)
+    d, opt_d = rt.prepare(d, opt_d, compile=cfg.train.compile, channels_last=cfg.train.channels_last)
     ema = gan.make_ema(cfg, rt.unwrap(g))
     fixed_noise = gan.fixed_noise(cfg, rt.device)      # drawn once; saved in every checkpoint
     rt.print0(f"models: G {gan.count(g):,} and D {gan.count(d):,} parameters; latent {cfg.gan.latent_dim}")
@@ -130,7 +130,8 @@ def sample_command(args):
     return gan.sample_from_checkpoint(args.sample, args.from_ckpt, args.out, args.seed)
 
 
+CLI = dict(schema=GanConfig, description=__doc__, script_defaults=DEFAULTS,   # how lib.cli runs this script
+           preflight="lib.gan:preflight", extra_args=sample_args, command=sample_command)
+
 if __name__ == "__main__":
-    sys.exit(cli.run(main, schema=GanConfig, description=__doc__, script_defaults=DEFAULTS,
-                     preflight="lib.gan:preflight",
-                     extra_args=sample_args, command=sample_command))
+    sys.exit(cli.run(main, **CLI))

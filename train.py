@@ -123,5 +123,7 @@ def make_train_step(model, loss_fn, optimizer, scheduler, rt, cfg, task):
     return train_step
 
 
+CLI = dict(description=__doc__, default_config=DEFAULT_CONFIG)   # how lib.cli runs this script
+
 if __name__ == "__main__":
-    sys.exit(cli.run(main, description=__doc__, default_config=DEFAULT_CONFIG))
+    sys.exit(cli.run(main, **CLI))

@@ -38,8 +38,9 @@ from lib.errors import RunError, UserError
 FORMAT = 1
 # Keys whose change does not make a resumed run a different experiment.
 HARMLESS = ("name", "output_dir", "train.epochs", "train.max_steps", "train.log_every", "train.eval_every_epochs",
-            "train.eval_only", "train.compile", "data.num_workers", "data.loader", "data.cache", "data.root",
-            "data.download", "data.memory_limit_gb", "data.eval_batch_size", "checkpoint.", "log.", "dist.")
+            "train.eval_only", "train.compile", "train.compile_mode", "train.compile_backend", "data.num_workers",
+            "data.loader", "data.cache", "data.root", "data.download", "data.memory_limit_gb", "data.eval_batch_size",
+            "checkpoint.", "log.", "dist.")
 
 
 def atomic_save(obj, path, commit=False):
@@ -292,13 +293,14 @@ class Run:
         if key == self.last_saved and not best:
             return None
         rng = self.rt.gather_object(self.rt.rng_state())
+        loop = state.collect(self.rt)                           # a collective too
         error, path = None, self.ckpt_dir / f"step_{state.step:08d}.pt"
         extra = self._save_deepspeed(state) if self.rt.deepspeed else {}
         if self.rt.is_main:
             payload = {name: (obj.state_dict() if hasattr(obj, "state_dict") else obj) for name, obj in objects.items()
                        if name not in extra.get("_skip", ())}
             payload.update({k: v for k, v in extra.items() if k != "_skip"})
-            payload.update(state.state_dict())
+            payload.update(loop)
             payload.update(rng=rng, config=to_dict(self.cfg), world_size=self.rt.world_size, format=FORMAT,
                            saved_at=time.time(), metrics=metrics or {})
             try:
@@ -400,7 +402,7 @@ class Run:
             raise UserError(f"{self.resume_path} was written without DeepSpeed; its optimizer state cannot be "
                             f"loaded into a DeepSpeed engine. Use model.weights / finetune.weights to start from it.")
         restore_objects(ckpt, objects, self.resume_path)
-        state.load_state_dict({k: ckpt[k] for k in state.state_dict() if k in ckpt})
+        state.load_state_dict({k: ckpt[k] for k in (*state.state_dict(), "meter") if k in ckpt})
         rng = ckpt.get("rng") or []
         if len(rng) == self.rt.world_size:
             self.rt.set_rng_state(rng[self.rt.rank])
@@ -418,9 +420,16 @@ def restore_objects(ckpt, objects, path):
         if name not in ckpt:
             raise UserError(f"{path} has no '{name}' entry; it was not written by this script.")
         if hasattr(obj, "load_state_dict"):
+            planned = getattr(obj, "total_steps", None)       # OneCycleLR fixes its cycle's length
             try:
                 obj.load_state_dict(ckpt[name])
             except (RuntimeError, ValueError, KeyError) as e:
                 raise UserError(f"{path} does not fit this run's {name}: {str(e).splitlines()[0][:200]}") from None
+            if planned is not None and obj.total_steps != planned:
+                raise UserError(f"{path} was trained with sched.name=onecycle over {obj.total_steps} optimizer "
+                                f"steps, but train.epochs / train.max_steps now give {planned}; a one-cycle "
+                                f"schedule cannot be stretched mid-run. Resume with the original train.epochs and "
+                                f"train.max_steps, or start a new run (another name=..., with model.weights="
+                                f"{path} to start from these weights).")
         elif torch.is_tensor(obj):
             obj.copy_(ckpt[name])

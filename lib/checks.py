@@ -34,6 +34,29 @@ def preflight(cfg):
         else:
             raise UserError(f"{where(cfg, 'checkpoint.monitor')} = {c.monitor} is not a metric of {task} runs; "
                             f"use one of: {', '.join(MONITORS[task])}.")
-    if cfg.dist.deepspeed and t.precision == "fp16" and "train.precision" in cfg._origins:
-        pass  # DeepSpeed's own fp16 section decides; checked when the engine starts
+    dry_build(cfg, kind)
     return task, kind
+
+
+def dry_build(cfg, kind):
+    """Build the model on the meta device (no memory, no data needed) and run the optimizer checks
+    that need its parameters (param-group patterns, SparseAdam, Muon), so they fail here instead of
+    after the processes started and the data was read. The real sizes come from the data later;
+    parameter names do not depend on them. If a guessed size does not fit the model, the check is
+    left to the real build."""
+    from lib import models, optim
+    meta = optim.OPTIMIZERS.meta(cfg.optim.name)
+    if not (cfg.optim.param_groups or meta["sparse"] or meta["matrices_only"]):
+        return                  # nothing to check: keep --print-config fast (a meta build costs ~1 s)
+    import torch
+    m, d = cfg.model, cfg.data
+    size = d.image_size or 32
+    channels = m.in_channels or d.channels or 3
+    shape = (d.seq_len, channels) if kind == "sequence" else (channels, size, size)
+    try:
+        with torch.device("meta"):
+            model = models.build_model(m, num_classes=m.num_classes or 10, in_channels=channels,
+                                       image_size=size, input_shape=shape)
+    except Exception:           # noqa: BLE001  (a guessed size that does not fit: the real build decides)
+        return
+    optim.groups_for(cfg.optim, model, cfg._origins)

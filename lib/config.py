@@ -117,6 +117,9 @@ class TrainCfg:
     clip_grad_norm: Optional[float] = F(None, "clip the global gradient norm (on unscaled gradients)")
     channels_last: bool = F(False, "use the channels_last memory format for 4-D activations")
     compile: bool = F(False, "torch.compile the model")
+    compile_mode: Optional[Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = F(
+        None, "torch.compile mode (null = torch's default)")
+    compile_backend: str = F("inductor", "torch.compile backend (inductor; eager / aot_eager to debug)")
     log_every: int = F(50, "optimizer steps between progress / metrics.jsonl updates")
     eval_every_epochs: int = F(1, "evaluate every N epochs (and always after the last)")
     on_nonfinite: Literal["stop", "skip"] = F("stop", "a NaN/inf loss stops the run (stop) or its step is skipped")

@@ -286,6 +286,7 @@ def _mnist_like(d, ctx, name, folder, tv_class, classes):
         if x.ndim != 4 or len(x) != len(y):
             raise UserError(f"{img_path} and {lbl_path} do not match ({len(x)} images, {len(y)} labels); "
                             f"download them again.")
+        ctx.check_labels(y, str(lbl_path), limit=len(classes), unit="item")
         split[part] = Split(y, x)
     return DataSpec(name, split["train"], split["val"], num_classes=len(classes), channels=1,
                     size=tuple(split["train"].x.shape[2:]), classes=classes,
@@ -341,6 +342,8 @@ def cifar10(d, ctx):
 
     x, y = ctx.cached("cifar10-train", [folder / n for n in names[:5]], lambda: load(names[:5]))
     xv, yv = ctx.cached("cifar10-val", [folder / "test_batch"], lambda: load(names[5:]))
+    ctx.check_labels(y, f"{folder}/data_batch_1..5", limit=10, unit="image")
+    ctx.check_labels(yv, str(folder / "test_batch"), limit=10, unit="image")
     classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     return DataSpec("cifar10", Split(y, x), Split(yv, xv), num_classes=10, channels=3, size=(32, 32),
                     classes=classes, source=f"CIFAR-10 python batches in {folder}")
@@ -349,11 +352,11 @@ def cifar10(d, ctx):
 @DATASETS.register("csv", task="classification", kind="image", needs=("csv",))
 def pixel_csv(d, ctx):
     path = _existing(d.csv, "data.csv", "the pixel CSV (label, pixel1..pixelN)")
-    x, y = ctx.cached("csv", [path], lambda: read_pixel_csv(path))
+    x, y = ctx.cached(f"csv-{path.stem}", [path], lambda: read_pixel_csv(path))   # one cache per file
     ctx.check_labels(y, str(path), row_offset=1 + _header_lines(path))
     if d.val_csv:
         vpath = _existing(d.val_csv, "data.val_csv", "the validation pixel CSV")
-        xv, yv = ctx.cached("csv", [vpath], lambda: read_pixel_csv(vpath))
+        xv, yv = ctx.cached(f"csv-{vpath.stem}", [vpath], lambda: read_pixel_csv(vpath))
         ctx.check_labels(yv, str(vpath), row_offset=1 + _header_lines(vpath))
         if xv.shape[1:] != x.shape[1:]:
             raise UserError(f"{vpath} has images of shape {tuple(xv.shape[1:])} but {path} has "
@@ -379,7 +382,12 @@ def image_csv(d, ctx):
             if col not in columns:
                 raise UserError(f"{table} has no column '{col}' ({key}){did_you_mean(col, columns)}; "
                                 f"its columns are: {choices_text(columns)}.")
-        rows = [(r[d.image_col], (r[d.label_col] or "").strip(), i + 2) for i, r in enumerate(reader)]
+        rows = []
+        for i, r in enumerate(reader):
+            if None in r:                                   # csv.DictReader's key for surplus fields
+                raise UserError(f"{table} line {i + 2} has {len(columns) + len(r[None])} fields but the header "
+                                f"has {len(columns)}; fix that row (a comma inside a file name needs quotes).")
+            rows.append((r[d.image_col], (r[d.label_col] or "").strip(), i + 2))
     if not rows:
         raise UserError(f"{table} has no rows; it needs one row per image.")
     empty = [r[2] for r in rows if not r[1] or not r[0].strip()]
@@ -850,15 +858,19 @@ class _Context:
         return disk_cached(tag, sources, build, enabled=self.d.cache,
                            write=self.rt is None or self.rt.local_rank == 0)
 
-    def check_labels(self, y, where, rows=None, row_offset=1):
-        if self.num_classes is None or len(y) == 0:
+    def check_labels(self, y, where, rows=None, row_offset=1, limit=None, unit="line"):
+        """Labels must lie in [0, model.num_classes) (or the dataset's own class count, `limit`);
+        the first bad one is reported by its line (text files) or item number (binary files)."""
+        n = self.num_classes or limit
+        if n is None or len(y) == 0:
             return
-        bad = torch.nonzero((y < 0) | (y >= self.num_classes)).flatten()
+        bad = torch.nonzero((y < 0) | (y >= n)).flatten()
         if len(bad):
             i = int(bad[0])
             line = rows[i] if rows else i + row_offset
-            raise UserError(f"{where} line {line}: label {int(y[i])} is outside [0, {self.num_classes}) "
-                            f"({len(bad)} such rows); fix the labels or model.num_classes.")
+            fix = "fix the labels or model.num_classes" if self.num_classes else "the file is damaged; get it again"
+            raise UserError(f"{where} {unit} {line}: label {int(y[i])} is outside [0, {n}) "
+                            f"({len(bad)} such {unit}s); {fix}.")
 
 
 def disk_cache_key(tag, sources, extra=()):
@@ -948,14 +960,15 @@ def _decode_to_memory(split, spec, d, rt, tag):
             if x is not None:
                 xs.append(x)
                 ys.append(y)
+        if bad and d.on_bad_sample == "error":      # before anything is cached: an error writes nothing
+            raise UserError(f"could not read image {bad[0]}; fix or remove the file, or set "
+                            f"data.on_bad_sample=skip ({len(bad)} unreadable file(s)).")
         return (torch.cat(xs) if xs else torch.zeros(0, spec.channels, *spec.size, dtype=torch.uint8),
                 torch.cat(ys) if ys else torch.zeros(0, dtype=torch.long), bad)
 
     x, y, bad = disk_cached(tag, split.files, build, enabled=d.cache, write=rt is None or rt.local_rank == 0,
-                            extra=(spec.size, spec.channels, split.y.tolist()), folder=spec.root)
-    if bad and d.on_bad_sample == "error":
-        raise UserError(f"could not read image {bad[0]}; fix or remove the file, or set "
-                        f"data.on_bad_sample=skip ({len(bad)} unreadable file(s)).")
+                            extra=(spec.size, spec.channels, split.y.tolist(), d.on_bad_sample),
+                            folder=spec.root)
     spec.skipped += len(bad)
     if len(y) == 0:
         raise UserError(f"none of the {len(split)} images could be read (first: {bad[0]}).")

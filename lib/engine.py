@@ -22,13 +22,28 @@ class LoopState:
     step: int = 0           # optimizer updates done
     best: float = None      # best value of checkpoint.monitor so far
     best_epoch: int = None
+    skipped_steps: int = 0  # updates skipped for a non-finite gradient (train.on_nonfinite=skip)
+
+    def __post_init__(self):
+        self.meter = None        # the epoch in progress's running sums (a Meter), while it runs
+        self.saved_meter = None  # ... as restored from a mid-epoch checkpoint, until the epoch goes on
 
     def state_dict(self):
         return asdict(self)
 
     def load_state_dict(self, d):
         for k, v in d.items():
-            setattr(self, k, v)
+            if k == "meter":
+                self.saved_meter = v
+            elif k in self.__dataclass_fields__:
+                setattr(self, k, v)
+
+    def collect(self, rt):
+        """What a checkpoint holds of the loop (a collective: the running epoch sums of every rank
+        are added up, so a mid-epoch resume reports the same epoch metrics as an unbroken run)."""
+        d = self.state_dict()
+        d["meter"] = self.meter.global_state(rt) if self.meter is not None and self.batch else None
+        return d
 
 
 @dataclass
@@ -52,6 +67,31 @@ class Meter:
         self.count += float(stats["count"])
         v = torch.stack([torch.as_tensor(stats[k], dtype=torch.float32) for k in self.keys])
         self.sums = v.double() if self.sums is None else self.sums.add_(v)
+
+    def global_state(self, rt):
+        """Sums, count and window mark of all ranks added up (a collective), as plain CPU values."""
+        if self.keys is None:
+            return None
+        mark_sums, mark_count = self._mark
+        mark_sums = torch.zeros_like(self.sums) if mark_sums is None else mark_sums
+        t = torch.cat([self.sums, mark_sums, torch.tensor([self.count, mark_count], dtype=torch.float64,
+                                                             device=self.sums.device)])
+        rt.all_reduce_(t)
+        n = len(self.keys)
+        t = t.cpu()
+        return {"keys": list(self.keys), "sums": t[:n].clone(), "mark_sums": t[n:2 * n].clone(),
+                "count": float(t[2 * n]), "mark_count": float(t[2 * n + 1])}
+
+    def load_global_state(self, d, rt):
+        """Continue from global_state(): rank 0 carries the sums, the others start at zero."""
+        if not d:
+            return
+        keep = rt.rank == 0
+        self.keys = list(d["keys"])
+        self.sums = (d["sums"] if keep else torch.zeros_like(d["sums"])).to(rt.device, torch.float64)
+        self.count = d["count"] if keep else 0.0
+        self._mark = ((d["mark_sums"] if keep else torch.zeros_like(d["mark_sums"])).to(rt.device, torch.float64),
+                      d["mark_count"] if keep else 0.0)
 
     def read(self, rt, keep_count=False, since_mark=False):
         """Mean of each key over all samples of all ranks (a collective: every rank must call it);
@@ -143,14 +183,13 @@ class NonFiniteGuard:
     def __init__(self, rt, policy):
         self.rt, self.policy = rt, policy
         self.pending = []                        # (step, loss tensor) since the last check
-        self.skipped = torch.zeros((), dtype=torch.int64, device=rt.device)
 
     def watch(self, stats, step):
-        """Remember this step's loss; under policy skip, drop a non-finite batch from the sums."""
+        """Remember this step's loss; under policy skip, drop a non-finite batch from the sums (the
+        update itself is skipped, and counted, by rt.step on the all-reduced gradient norm)."""
         loss = sum(v for k, v in stats.items() if k.startswith("loss"))
         if self.policy == "skip":
             finite = torch.isfinite(loss)
-            self.skipped += (~finite).long()
             return {k: torch.where(finite, torch.as_tensor(v, device=finite.device), 0) for k, v in stats.items()}
         self.pending.append((step, loss))
         return stats
@@ -180,7 +219,10 @@ def train_one_epoch(state, loader, step_fn, rt, log, run, objects, cfg, guard, o
     t = cfg.train
     loader.set_epoch(state.epoch, state.batch)
     n = len(loader)
-    meter = Meter()
+    meter = state.meter = Meter()
+    if state.batch and state.saved_meter:               # resuming mid-epoch: the sums so far go on
+        meter.load_global_state(state.saved_meter, rt)
+    state.saved_meter = None
     log.start_epoch(state, n)
     tick, images = time.perf_counter(), 0
     for x, y in loader:
@@ -194,6 +236,7 @@ def train_one_epoch(state, loader, step_fn, rt, log, run, objects, cfg, guard, o
         if not micro.update:
             continue
         state.step += 1
+        state.skipped_steps = rt.skipped_steps
         if on_update is not None:
             on_update(state)
         if state.step % t.log_every == 0:
@@ -206,11 +249,14 @@ def train_one_epoch(state, loader, step_fn, rt, log, run, objects, cfg, guard, o
         if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
             guard.check(f"epoch {state.epoch + 1}")
             run.save(objects, state)
+        if state.step == rt.fault_pause_step:   # fault-injection tests: hold here until killed
+            rt.pause_for_fault_test()
         if t.max_steps and state.step >= t.max_steps:
             break
     metrics = meter.read(rt)
     if state.batch >= n:
         state.epoch, state.batch = state.epoch + 1, 0
+        state.meter = None
     return metrics, False
 
 
@@ -222,6 +268,7 @@ def fit(*, cfg, rt, run, log, state, train_loader, step_fn, eval_fn, objects, lr
     on_epoch_start(state) before each epoch (e.g. gradual unfreezing)."""
     t = cfg.train
     guard = NonFiniteGuard(rt, t.on_nonfinite)
+    rt.skipped_steps = state.skipped_steps          # the count goes on across a resume
     rt.install_signal_handlers()
     metrics, started = {}, time.perf_counter()
     try:
@@ -232,8 +279,11 @@ def fit(*, cfg, rt, run, log, state, train_loader, step_fn, eval_fn, objects, lr
                                                      guard, on_update)
             guard.check(f"epoch {state.epoch + 1}")
             if stopped:
-                run.save(objects, state)
-                log.stopped(state, rt.stop_signal, rt.requeue_slurm_job())
+                path = run.save(objects, state) or run.ckpt_dir / "last.pt"
+                requeued = rt.requeue_slurm_job()
+                log.stopped(state, rt.stop_signal, requeued)
+                rt.write_stop_marker(f"stopped by {rt.stop_signal} at step {state.step}; checkpoint {path}"
+                                     + (f"; {requeued}" if requeued else ""))
                 return {"stopped": True, "step": state.step, "epoch": state.epoch}
             finished = state.epoch >= t.epochs or (t.max_steps and state.step >= t.max_steps)
             evaluate_now = finished or state.epoch % t.eval_every_epochs == 0
@@ -243,7 +293,7 @@ def fit(*, cfg, rt, run, log, state, train_loader, step_fn, eval_fn, objects, lr
                        **{f"train/{k}": v for k, v in train_metrics.items()}, **val,
                        "time_s": round(time.perf_counter() - started, 3)}
             if guard.policy == "skip":
-                metrics["train/skipped_steps"] = int(guard.skipped.item())
+                metrics["train/skipped_steps"] = state.skipped_steps
             improved = run.update_best(state, metrics)
             log.log_epoch(state, metrics, improved, confusion)
             every = cfg.checkpoint.every_epochs

@@ -77,6 +77,10 @@ def _register_torch_losses():
 
 
 _register_torch_losses()
+# Not a _Loss subclass: a classifier head with its own weights and cutoffs that returns (output, loss).
+LOSSES.add("adaptive_log_softmax", nn.AdaptiveLogSoftmaxWithLoss, tasks={},
+           refused="it is a model head with its own weights (in_features, cutoffs), not a loss of logits; "
+                   "a model would have to end in it")
 
 
 class FocalLoss(nn.Module):

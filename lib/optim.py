@@ -19,6 +19,7 @@ import math
 import torch
 from torch import nn
 
+from lib.config import where as _where
 from lib.errors import UserError, choices_text
 from lib.registry import Registry, accepted_kwargs, check_kwargs
 
@@ -52,7 +53,8 @@ def check(cfg):
                  origins=cfg._origins)
     accepted = accepted_kwargs(cls, skip=("params",)) or []
     if o.weight_decay and "weight_decay" not in accepted:
-        raise UserError(f"optim.weight_decay is set but {o.name} has no weight decay; remove it.")
+        raise UserError(f"{_where(cfg, 'optim.weight_decay')} is set but optim.name={o.name} has no weight "
+                        f"decay; remove it.")
     for i, group in enumerate(o.param_groups):
         where = f"optim.param_groups[{i}]"
         if not isinstance(group, dict) or "params" not in group:
@@ -62,17 +64,25 @@ def check(cfg):
             raise UserError(f"{where}.params must be a name pattern or a list of them.")
         check_kwargs(cls, {k: v for k, v in group.items() if k != "params"}, where, skip=("params",))
     if meta["closure"]:
-        if t.grad_accum > 1:
-            raise UserError("optim.name=lbfgs re-evaluates the loss inside its step, which does not combine "
-                            "with train.grad_accum > 1; set train.grad_accum=1.")
-        if t.precision == "fp16":
-            raise UserError("optim.name=lbfgs cannot run with train.precision=fp16 (the GradScaler does not "
-                            "support closures); use bf16 or no.")
+        for key, bad, why, fix in (
+                ("train.grad_accum", t.grad_accum > 1, "does not combine with gradient accumulation",
+                 "set train.grad_accum=1"),
+                ("train.precision", t.precision == "fp16", "cannot run with fp16 (the GradScaler does not "
+                 "support closures)", "use bf16 or no"),
+                ("train.clip_grad_norm", t.clip_grad_norm is not None, "steps inside its own closure, so "
+                 "there are no gradients to clip between backward and step", "remove train.clip_grad_norm"),
+                ("train.on_nonfinite", t.on_nonfinite == "skip", "cannot skip a step it has already taken "
+                 "inside its closure", "use train.on_nonfinite=stop")):
+            if bad:
+                raise UserError(f"optim.name=lbfgs (set in {cfg._origins.get('optim.name', 'the defaults')}) "
+                                f"re-evaluates the loss inside its step and {why}, but {_where(cfg, key)} asks "
+                                f"for it; {fix}.")
     sched = SCHEDULERS.get(s.name, where="sched.name")
     check_kwargs(sched, s.extra, "sched", skip=("optimizer", "total_steps", "steps_per_epoch", "warmup_steps",
                                                 "warmup_start", "epochs"), also=_fields(s), origins=cfg._origins)
     if s.name == "onecycle" and s.warmup_epochs and s.warmup_epochs >= t.epochs:
-        raise UserError(f"sched.warmup_epochs={s.warmup_epochs} must be shorter than train.epochs={t.epochs}.")
+        raise UserError(f"{_where(cfg, 'sched.warmup_epochs')} = {s.warmup_epochs} must be shorter than "
+                        f"{_where(cfg, 'train.epochs')} = {t.epochs}.")
 
 
 def _fields(section):
@@ -87,7 +97,7 @@ def _matches(name, patterns):
                for p in pats)
 
 
-def param_groups(model, o):
+def param_groups(model, o, origins=None):
     """Trainable parameters split into optimizer groups by o.param_groups patterns and decay policy."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
@@ -105,8 +115,9 @@ def param_groups(model, o):
         buckets[i].append((n, p))
     for i, g in enumerate(specs[:-1]):
         if not buckets[i]:
-            raise UserError(f"optim.param_groups[{i}].params={g['params']} matches no trainable parameter; "
-                            f"names look like {choices_text([n for n, _ in named[:6]], limit=6)}.")
+            src = (origins or {}).get("optim.param_groups", "the defaults")
+            raise UserError(f"optim.param_groups[{i}].params={g['params']} (set in {src}) matches no trainable "
+                            f"parameter; names look like {choices_text([n for n, _ in named[:6]], limit=6)}.")
     has_wd = "weight_decay" in (accepted_kwargs(OPTIMIZERS.get(o.name, where="optim.name")) or [])
     groups = []
     for spec, bucket in zip(specs, buckets):
@@ -122,21 +133,35 @@ def param_groups(model, o):
     return groups
 
 
-def build_optimizer(o, model):
-    """The optimizer of section `o` over the model's trainable parameters."""
-    cls = OPTIMIZERS.get(o.name, where="optim.name")
+def groups_for(o, model, origins=None):
+    """The optimizer groups of section `o` for this model, after the checks that need the model's
+    parameters (also run by pre-flight on a meta-device copy, before any data is read)."""
     meta = OPTIMIZERS.meta(o.name)
+    origins = origins or {}
+    name = f"optim.name={o.name} (set in {origins.get('optim.name', 'the defaults')})"
     if meta["sparse"]:
-        sparse = [m for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
-        raise UserError("optim.name=sparse_adam only updates sparse gradients (nn.Embedding(sparse=True))"
-                        + (" and this model also has dense parameters" if sparse else ", and this model has "
-                           "none") + "; use adam or adamw.")
-    groups = param_groups(model, o)
+        dense = [n for n, p in model.named_parameters() if p.requires_grad and not _sparse_owner(model, n)]
+        if dense:
+            raise UserError(f"{name} only updates sparse gradients (nn.Embedding(sparse=True)), but this model "
+                            f"has dense parameters ({dense[0]}, {len(dense)} in all); use adam or adamw.")
+    groups = param_groups(model, o, origins)
     if meta["matrices_only"]:
         bad = [n for g in groups for n, p in zip(g["names"], g["params"]) if p.dim() != 2]
         if bad:
-            raise UserError(f"optim.name={o.name} only optimizes 2-D weight matrices but {bad[0]} is not one "
+            raise UserError(f"{name} only optimizes 2-D weight matrices but {bad[0]} is not one "
                             f"({len(bad)} such parameters); use adamw or sgd for this model.")
+    return groups
+
+
+def _sparse_owner(model, param_name):
+    module = model.get_submodule(param_name.rsplit(".", 1)[0]) if "." in param_name else model
+    return isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse
+
+
+def build_optimizer(o, model):
+    """The optimizer of section `o` over the model's trainable parameters."""
+    cls = OPTIMIZERS.get(o.name, where="optim.name")
+    groups = groups_for(o, model)
     for g in groups:
         g.pop("names")
     kwargs = dict(o.extra)
@@ -241,10 +266,12 @@ def linear(optimizer, total_steps, steps_per_epoch, warmup_steps, warmup_start, 
 @SCHEDULERS.register("onecycle")
 def onecycle(optimizer, total_steps, steps_per_epoch, warmup_steps, warmup_start, max_lr=None, pct_start=0.3,
              div_factor=25.0, final_div_factor=1e4, anneal_strategy="cos", three_phase=False):
-    """torch's OneCycleLR (Smith 2018): warmup to max_lr (default: each group's lr), then anneal.
-    sched.warmup_epochs, when given, sets the warmup fraction (pct_start)."""
+    """torch's OneCycleLR (Smith 2018): warmup to max_lr (default: each group's lr), then anneal;
+    both phases follow anneal_strategy (cos by default, linear on request). sched.warmup_epochs,
+    when given, sets the warmup (pct_start) so that the peak falls on the same step as the other
+    schedules' (step warmup_steps; OneCycleLR peaks at step pct_start * total - 1)."""
     if warmup_steps:
-        pct_start = warmup_steps / total_steps
+        pct_start = min(warmup_steps + 1, total_steps - 1) / total_steps
     max_lrs = max_lr if max_lr is not None else [g["lr"] for g in optimizer.param_groups]
     cycle = any(k in optimizer.defaults for k in ("momentum", "betas")) and \
         optimizer.defaults.get("momentum", 1) != 0

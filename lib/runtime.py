@@ -92,7 +92,14 @@ def _map_slurm_env():
     env["LOCAL_WORLD_SIZE"] = per_node if per_node.isdigit() else str(max(1, ntasks // len(nodes)))
     env.setdefault("MASTER_ADDR", nodes[0])
     env.setdefault("MASTER_PORT", str(slurm_port(env.get("SLURM_JOB_ID", "0"))))
-    return [f"srun launch: rank {env['RANK']}/{ntasks}, master {env['MASTER_ADDR']}:{env['MASTER_PORT']}"]
+    notes = [f"srun launch: rank {env['RANK']}/{ntasks}, master {env['MASTER_ADDR']}:{env['MASTER_PORT']}"]
+    visible = [v for v in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if len(visible) == 1 and int(env["LOCAL_WORLD_SIZE"]) > 1:
+        # SLURM bound one GPU to each task (--gpus-per-task=1, --gpu-bind): this task's GPU is its
+        # cuda:0, so it computes (and joins NCCL barriers) as the only process of its own view.
+        env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"] = "0", "1"
+        notes.append(f"SLURM bound GPU {visible[0]} to this task; it is this process's cuda:0")
+    return notes
 
 
 def slurm_port(job_id):
@@ -133,6 +140,9 @@ def _expand_host(token):
 
 def _check_launch_env():
     env = os.environ
+    for var in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        if var in env and not env[var].isdigit():
+            raise UserError(f"{var}={env[var]} is not a process count; check the launcher command (or unset it).")
     world = int(env.get("WORLD_SIZE", "1"))
     if world > 1 and ("MASTER_ADDR" not in env or "MASTER_PORT" not in env):
         raise UserError(f"WORLD_SIZE={world} is set but MASTER_ADDR/MASTER_PORT are not; launch with torchrun, "
@@ -174,6 +184,10 @@ class Runtime:
         use_ds = ds_plugin is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
         if use_ds:
             _require_deepspeed()
+            if cfg.train.on_nonfinite == "skip":
+                raise UserError("train.on_nonfinite=skip cannot work under DeepSpeed, whose engine takes the step "
+                                "itself; use train.on_nonfinite=stop (DeepSpeed's fp16 loss scaler already skips "
+                                "overflow steps).")
             if not distributed:
                 raise UserError("DeepSpeed needs a launcher: run under torchrun (--nproc_per_node=1 is fine) or "
                                 "accelerate launch with a DeepSpeed config.")
@@ -204,8 +218,12 @@ class Runtime:
         self.amp_dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16" and not self.deepspeed)
         self._control_group = None
+        self.skipped_steps = 0              # updates skipped for a non-finite gradient (on_nonfinite=skip)
+        # Fault-injection tests kill a run at an exact step: TRAIN_FAULT_PAUSE_AT_STEP=N holds every
+        # rank after optimizer step N (its log line and checkpoints written) until it is killed.
+        pause = os.environ.get("TRAIN_FAULT_PAUSE_AT_STEP", "")
+        self.fault_pause_step = int(pause) if pause.isdigit() else None
         self._stop_signal = None
-        self._signal_count = 0
         self._old_handlers = {}
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True   # TF32 on Ampere+ matmuls/convs (timm, nanoGPT)
@@ -329,6 +347,7 @@ class Runtime:
             if update_scale:
                 self.scaler.update()
         elif skip_if_nonfinite is not None and not bool(self.torch.isfinite(skip_if_nonfinite)):
+            self.skipped_steps += 1         # the same decision (and count) on every rank
             return False
         else:
             optimizer.step()
@@ -354,7 +373,8 @@ class Runtime:
             if self.world_size > 1:
                 model = self.accelerator.prepare_model(model)
         if compile:
-            model = torch.compile(model)
+            t = self.cfg.train
+            model = torch.compile(model, mode=t.compile_mode, backend=t.compile_backend)
         return model, optimizer
 
     def unwrap(self, model):
@@ -502,8 +522,8 @@ class Runtime:
         """SIGTERM / SIGUSR1 (from setup on) and SIGINT (once training runs) only set a flag; the loop
         checkpoints at the next step boundary on every rank's agreement and exits 0.
 
-        Saving inside a handler hangs (Lightning#21406), so the handler does no I/O. A second signal
-        while we are already stopping exits at once (status 128 + signal number).
+        Saving inside a handler hangs (Lightning#21406), so the handler does no I/O. A second Ctrl-C
+        while we are already stopping exits at once (status 130); repeated TERM/USR1 do not.
         """
         import threading
         if threading.current_thread() is not threading.main_thread():
@@ -513,10 +533,12 @@ class Runtime:
                 self._old_handlers[sig] = signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, frame):
-        self._signal_count += 1
-        if self._signal_count > 1:
+        # A cluster asks more than once: at a time limit or preemption SLURM signals every process of
+        # the step *and* the batch shell, whose trap and torchrun forward it again. Repeats of
+        # TERM/USR1 are the same request; only a second Ctrl-C means "now" (status 130).
+        if signum == signal.SIGINT and self._stop_signal == "SIGINT":
             os._exit(128 + signum)
-        self._stop_signal = signal.Signals(signum).name
+        self._stop_signal = self._stop_signal or signal.Signals(signum).name
 
     def restore_signal_handlers(self):
         for sig, handler in self._old_handlers.items():
@@ -548,6 +570,22 @@ class Runtime:
             out = getattr(e, "stdout", b"") or b""
             return f"requeue of job {job} failed: {out.decode(errors='replace').strip() or e}"
         return f"requeued SLURM job {job}"
+
+    def pause_for_fault_test(self):
+        print(f"[rank {self.rank}] paused for a fault test (TRAIN_FAULT_PAUSE_AT_STEP)", flush=True)
+        while True:
+            time.sleep(1)
+
+    def write_stop_marker(self, text):
+        """After a graceful stop, rank 0 writes `text` to $TRAIN_STOP_MARKER when the launcher asked
+        for it (slurm/launch.sh does): torchrun exits non-zero after forwarding a signal even when
+        every worker stopped cleanly, so the batch script judges by this file instead."""
+        path = os.environ.get("TRAIN_STOP_MARKER")
+        if not path or not self.is_main:
+            return
+        with contextlib.suppress(OSError):
+            with open(path, "w") as f:
+                f.write(text + "\n")
 
     # -- output ----------------------------------------------------------------------------------
 

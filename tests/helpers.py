@@ -1,6 +1,8 @@
 """Helpers for the tests: run the real scripts as a user would, and write small datasets in their
 real on-disk formats (gzip IDX, CIFAR-10 python batches, pixel CSV, PNG + labels CSV, image folders)."""
+import contextlib
 import gzip
+import io
 import json
 import os
 import pickle
@@ -180,3 +182,18 @@ def write_image_folder(root, n=100, size=16, split=True):
 
 def read_jsonl(path):
     return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+
+
+def in_process(script_name, args, cwd):
+    """Run <script>.main through lib.cli exactly as `python <script> args` does; (code, stdout, stderr)."""
+    import importlib
+    module = importlib.import_module(script_name[:-3])
+    out, err = io.StringIO(), io.StringIO()
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = module.cli.run(module.main, argv=[str(a) for a in args], **module.CLI)
+    finally:
+        os.chdir(old)
+    return code, out.getvalue(), err.getvalue()

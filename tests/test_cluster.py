@@ -27,12 +27,16 @@ def _free_port():
 
 
 def test_two_torchrun_nodes_equal_one_node_with_the_same_global_batch(tmp_path):
+    """The default config (the FashionMNIST CNN: batch norm, dropout) on 2 nodes x 1 process equals
+    1 node x 2 processes: same global batch, same shards, same per-rank random streams."""
     port = _free_port()
+    default = ["train.epochs=1", "log.plots=false"]
     cmds = [[PY, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={k}", "--nproc_per_node=1",
              "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two-nodes",
-             str(REPO / "train.py"), *SAME, "name=two_nodes", "data.batch_size=32"] for k in (0, 1)]
-    procs = [subprocess.Popen(c, cwd=tmp_path, env=helpers.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, start_new_session=True) for c in cmds]
+             str(REPO / "train.py"), *default, "name=two_nodes"] for k in (0, 1)]
+    # One thread per worker, as torchrun sets for --nproc_per_node=2: the same kernels, the same sums.
+    procs = [subprocess.Popen(c, cwd=tmp_path, env=helpers.env(OMP_NUM_THREADS=1), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True) for c in cmds]
     try:
         outs = [p.communicate(timeout=240)[0] for p in procs]
     finally:
@@ -40,22 +44,24 @@ def test_two_torchrun_nodes_equal_one_node_with_the_same_global_batch(tmp_path):
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
     assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
-    assert "DDP, 2 process(es)" in outs[0] + outs[1]
-    ok(script("train.py", *SAME, "name=one_node", "data.batch_size=64", cwd=tmp_path))
+    assert "DDP, 2 process(es)" in outs[0] + outs[1] and "model: fashion_cnn" in outs[0] + outs[1]
+    out = ok(torchrun("train.py", *default, "name=one_node", cwd=tmp_path))   # also: torchrun runs the default
+    assert "DDP, 2 process(es)" in out and "launcher torchrun" in out
     two = state_dict(tmp_path / "runs/two_nodes/checkpoints/last.pt")
     one = state_dict(tmp_path / "runs/one_node/checkpoints/last.pt")
-    assert two["world_size"] == 2 and two["step"] == one["step"]
+    assert two["world_size"] == one["world_size"] == 2 and two["step"] == one["step"] == 12
     for k in one["model"]:
-        assert torch.allclose(one["model"][k], two["model"][k], atol=1e-5), k
+        assert torch.allclose(one["model"][k].float(), two["model"][k].float(), atol=1e-6), k
+    assert one["metrics"]["val/acc"] == two["metrics"]["val/acc"] > 0.5
 
 
-def _sbatch(tmp_path, template, overrides, job_id):
+def _sbatch(tmp_path, template, overrides, job_id, **extra_env):
     """Run a SLURM template with `bash` under the shims, as sbatch would on 2 nodes x 1 process."""
     log = tmp_path / "shim.log"
     env = helpers.env(PATH=f"{SHIMS}:{os.environ['PATH']}", SHIM_LOG=log, SHIM_DIR=tmp_path, SHIM_NODES=2,
                       SLURM_JOB_ID=job_id, SLURM_JOB_NODELIST="node[1-2]", SLURM_JOB_NUM_NODES=2,
                       SLURM_SUBMIT_DIR=REPO, GPUS_PER_NODE=1, PYTHON=PY,
-                      OVERRIDES=f"output_dir={tmp_path / 'runs'} " + overrides)
+                      OVERRIDES=f"output_dir={tmp_path / 'runs'} " + overrides, **extra_env)
     return subprocess.Popen(["bash", str(REPO / "slurm" / template)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True), log
 
@@ -78,6 +84,9 @@ def test_slurm_template_sigusr1_checkpoints_requeues_and_resumes(tmp_path):
     assert proc.poll() is None, _wait(proc)
     proc.send_signal(signal.SIGUSR1)                 # what `#SBATCH --signal=B:USR1@120` does
     out = _wait(proc)
+    assert proc.returncode == 0, out[-3000:]         # the workers stopped cleanly (torchrun itself exits 1)
+    assert "training stopped cleanly: stopped by SIGUSR1 at step" in out and "requeued SLURM job" in out, out
+    assert not (REPO / f".train-stopped-{job}").exists()
     calls = log.read_text()
     assert "scontrol show hostnames node[1-2]" in calls
     for node in (0, 1):
@@ -99,6 +108,20 @@ def test_slurm_template_sigusr1_checkpoints_requeues_and_resumes(tmp_path):
     assert proc.returncode == 0, out[-3000:]
     assert f"step {stopped['step']}" in (tmp_path / "node0.log").read_text().split("resumed from")[1].splitlines()[0]
     assert state_dict(tmp_path / "runs/default/checkpoints/last.pt")["step"] == stopped["step"] + 3
+    # The other two templates run end to end the same way: the DCGAN, then fine-tuning those weights.
+    weights = tmp_path / "runs/default/checkpoints/last.pt"
+    for template, config, overrides in (
+            ("gan.sh", "configs/dcgan_digits.yaml", "gan.g_features=8 gan.d_features=8 train.max_steps=3"),
+            ("finetune.sh", "configs/default.yaml", f"finetune.weights={weights} data.classes=[5,6,7,8,9] "
+                                                    f"train.max_steps=3 name=ft")):
+        proc, log = _sbatch(tmp_path, template, overrides + " log.plots=false", job, CONFIG=config)
+        out = _wait(proc)
+        assert proc.returncode == 0, out[-3000:]
+        script_name = {"gan.sh": "gan_train.py", "finetune.sh": "finetune.py"}[template]
+        assert f"{script_name} --config {config}" in log.read_text().splitlines()[-1]
+    assert state_dict(tmp_path / "runs/dcgan_digits/checkpoints/last.pt")["world_size"] == 2
+    assert (tmp_path / "runs/dcgan_digits/samples/step_0000003.png").exists()
+    assert state_dict(tmp_path / "runs/ft/checkpoints/last.pt")["step"] == 3
 
 
 def test_srun_python_without_torchrun_trains_two_processes(tmp_path):

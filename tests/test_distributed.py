@@ -82,3 +82,35 @@ def test_launch_variables_are_checked(monkeypatch):
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     with pytest.raises(UserError, match="WORLD_SIZE=2 is set but MASTER_ADDR"):
         runtime.prepare_env(cfg)
+    monkeypatch.setenv("WORLD_SIZE", "abc")
+    monkeypatch.setenv("MASTER_ADDR", "x")
+    monkeypatch.setenv("MASTER_PORT", "1")
+    with pytest.raises(UserError, match="WORLD_SIZE=abc is not a process count"):
+        runtime.prepare_env(cfg)
+
+
+def test_slurm_gpu_binding_per_task_and_precedence(monkeypatch):
+    """srun python with --gpus-per-task=1: SLURM shows each task one GPU (its cuda:0); dist.gpus and a
+    user's CUDA_VISIBLE_DEVICES still come first and are logged with their source."""
+    for k in list(runtime.os.environ):
+        if k.startswith("SLURM_") or k in runtime.LAUNCH_VARS:
+            monkeypatch.delenv(k)
+    slurm = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2",
+             "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "4242", "SLURM_STEP_GPUS": "6",
+             "CUDA_VISIBLE_DEVICES": "6"}
+    for k, v in slurm.items():
+        monkeypatch.setenv(k, v)
+    notes = runtime.prepare_env(config.load(config.Config, None, []))
+    e = runtime.os.environ
+    assert (e["RANK"], e["WORLD_SIZE"], e["MASTER_ADDR"]) == ("3", "4", "gpu07")
+    assert (e["LOCAL_RANK"], e["LOCAL_WORLD_SIZE"]) == ("0", "1")          # its one GPU is its cuda:0
+    assert "CUDA_VISIBLE_DEVICES=6 (set by SLURM)" in notes[0] and "SLURM bound GPU 6" in notes[-1]
+    for k in runtime.LAUNCH_VARS:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")                      # a node-wide view: no rebinding
+    runtime.prepare_env(config.load(config.Config, None, []))
+    assert (e["LOCAL_RANK"], e["LOCAL_WORLD_SIZE"]) == ("1", "2")
+    for k in runtime.LAUNCH_VARS:
+        monkeypatch.delenv(k, raising=False)
+    notes = runtime.prepare_env(config.load(config.Config, None, ["dist.gpus=1"]))   # dist.gpus wins
+    assert e["CUDA_VISIBLE_DEVICES"] == "3" and "dist.gpus=1 selects CUDA_VISIBLE_DEVICES=3" in notes[0]

@@ -1,4 +1,5 @@
 """Every registry entry (model, init, loss, optimizer, scheduler) exercised, plus the educational layers."""
+import io
 import math
 
 import pytest
@@ -217,7 +218,11 @@ def _natural_inputs(name):
         "triplet_margin_with_distance": (a, p, n),
         "gaussian_nll": (a, p, torch.ones(4, 8)),
         "poisson_nll": (a, p.abs()),
+        "adaptive_log_softmax": (a, torch.randint(0, 10, (4,))),
     }.get(name)
+
+
+NATURAL_ARGS = {"adaptive_log_softmax": {"in_features": 8, "n_classes": 10, "cutoffs": [4]}}
 
 
 @pytest.mark.parametrize("name", LOSSES.names())
@@ -243,7 +248,8 @@ def test_every_loss(name):
     if not meta["tasks"]:
         if name == "linear_cross_entropy":
             return  # a fused projection + loss; refused everywhere (message tested above)
-        loss = LOSSES.get(name)()(*_natural_inputs(name))
+        loss = LOSSES.get(name)(**NATURAL_ARGS.get(name, {}))(*_natural_inputs(name))
+        loss = getattr(loss, "loss", loss)                 # adaptive_log_softmax returns (output, loss)
         assert torch.isfinite(loss)
 
 
@@ -391,15 +397,39 @@ def test_every_scheduler(name):
     if name != "onecycle":                                   # linear warmup over the first epoch
         main = 1.0 if name in ("cosine", "linear") else plain[5]   # these two decay after the warmup
         assert lrs[0] == 0.0 and abs(lrs[5] - 0.5 * main) < 1e-9
-    # resumable: a fresh scheduler loaded from the state dict continues identically
-    opt2 = torch.optim.SGD(_mlp().parameters(), lr=1.0, momentum=0.9)
-    s2 = build_scheduler(section(config.SchedCfg, name=name, warmup_epochs=1.0 if name != "onecycle" else 0.0),
-                         opt2, steps_per_epoch=10, total_steps=100)
-    state = sched.state_dict()
-    torch.save(state, "/dev/null")
-    s2.load_state_dict(state)
-    opt2.load_state_dict(opt.state_dict())
-    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    # resumable: stop after 37 steps, save, load into a fresh optimizer + schedule, go on to 100
+    warm = 1.0 if name != "onecycle" else 0.0
+
+    def fresh():
+        o = torch.optim.SGD(_mlp().parameters(), lr=1.0, momentum=0.9)
+        return o, build_scheduler(section(config.SchedCfg, name=name, warmup_epochs=warm), o,
+                                  steps_per_epoch=10, total_steps=100)
+    opt1, s1 = fresh()
+    for _ in range(37):
+        opt1.step()
+        s1.step()
+    buf = io.BytesIO()
+    torch.save({"opt": opt1.state_dict(), "sched": s1.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    opt2, s2 = fresh()
+    opt2.load_state_dict(saved["opt"])
+    s2.load_state_dict(saved["sched"])
+    resumed = []
+    for _ in range(63):
+        resumed.append(opt2.param_groups[0]["lr"])
+        opt2.step()
+        s2.step()
+    assert resumed == lrs[37:], (name, resumed[:3], lrs[37:40])
+
+
+def test_onecycle_warmup_sets_the_peak_and_a_stretched_resume_is_refused(tmp_path):
+    lrs, opt, sched = _lrs("onecycle", warmup=3.0)            # 3 of 10 epochs: the peak at step 30
+    assert max(range(100), key=lambda i: lrs[i]) == 30 and lrs[0] < 0.05
+    from lib import checkpoint
+    longer = build_scheduler(section(config.SchedCfg, name="onecycle"), opt, steps_per_epoch=10, total_steps=200)
+    with pytest.raises(UserError, match="one-cycle schedule cannot be stretched"):
+        checkpoint.restore_objects({"scheduler": sched.state_dict()}, {"scheduler": longer}, tmp_path / "x.pt")
 
 
 def test_step_schedules_in_epochs():
