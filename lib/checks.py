@@ -14,7 +14,7 @@ def preflight(cfg):
     meta = datasets.check(cfg)
     task, kind = meta["task"], meta["kind"]
     models.check(cfg, task, kind)
-    init.check(cfg.model.init)
+    init.check(cfg.model.init, origins=cfg._origins)
     losses.check(cfg, task)
     optim.check(cfg)
     d, t = cfg.data, cfg.train

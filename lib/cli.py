@@ -73,6 +73,12 @@ def _run(main, args, schema, script_defaults, preflight, command):
     except KeyboardInterrupt:
         _shutdown(ok=False)
         return 130
+    except Exception as e:               # noqa: BLE001  a lost peer: say so in a line, not a stack trace
+        lost = "lib.runtime" in sys.modules and sys.modules["lib.runtime"].peer_failure(e)
+        if not lost:
+            raise
+        _report("stopped", RunError(lost))
+        return 1
 
 
 def _resolve(fn):

@@ -243,6 +243,9 @@ def read_yaml(path):
     except FileNotFoundError:
         raise UserError(f"config file {path} does not exist; pass an existing file to --config "
                         f"(the files in configs/ are examples).") from None
+    except (UnicodeDecodeError, IsADirectoryError, PermissionError) as e:
+        raise UserError(f"{path} cannot be read as a YAML text file ({type(e).__name__}); pass a YAML config "
+                        f"to --config.") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

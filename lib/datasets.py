@@ -280,13 +280,16 @@ def _mnist_like(d, ctx, name, folder, tv_class, classes):
     split = {}
     for part, (img_stem, lbl_stem) in _MNIST_FILES.items():
         img_path, lbl_path = _find_file(dirs, img_stem), _find_file(dirs, lbl_stem)
+        def check(r, img_path=img_path, lbl_path=lbl_path):
+            x, y = r
+            if x.ndim != 4 or len(x) != len(y):
+                raise UserError(f"{img_path} and {lbl_path} do not match ({len(x)} images, {len(y)} labels); "
+                                f"download them again.")
+            ctx.check_labels(y, str(lbl_path), limit=len(classes), unit="item")
+
         x, y = ctx.cached(name + "-" + part, [img_path, lbl_path],
                           lambda: (torch.from_numpy(read_idx(img_path).copy()).unsqueeze(1),
-                                   torch.from_numpy(read_idx(lbl_path).astype(np.int64))))
-        if x.ndim != 4 or len(x) != len(y):
-            raise UserError(f"{img_path} and {lbl_path} do not match ({len(x)} images, {len(y)} labels); "
-                            f"download them again.")
-        ctx.check_labels(y, str(lbl_path), limit=len(classes), unit="item")
+                                   torch.from_numpy(read_idx(lbl_path).astype(np.int64))), check=check)
         split[part] = Split(y, x)
     return DataSpec(name, split["train"], split["val"], num_classes=len(classes), channels=1,
                     size=tuple(split["train"].x.shape[2:]), classes=classes,
@@ -340,10 +343,10 @@ def cifar10(d, ctx):
         return (torch.from_numpy(np.concatenate([p[0] for p in parts])),
                 torch.from_numpy(np.concatenate([p[1] for p in parts])))
 
-    x, y = ctx.cached("cifar10-train", [folder / n for n in names[:5]], lambda: load(names[:5]))
-    xv, yv = ctx.cached("cifar10-val", [folder / "test_batch"], lambda: load(names[5:]))
-    ctx.check_labels(y, f"{folder}/data_batch_1..5", limit=10, unit="image")
-    ctx.check_labels(yv, str(folder / "test_batch"), limit=10, unit="image")
+    x, y = ctx.cached("cifar10-train", [folder / n for n in names[:5]], lambda: load(names[:5]),
+                      check=lambda r: ctx.check_labels(r[1], f"{folder}/data_batch_1..5", limit=10, unit="image"))
+    xv, yv = ctx.cached("cifar10-val", [folder / "test_batch"], lambda: load(names[5:]),
+                        check=lambda r: ctx.check_labels(r[1], str(folder / "test_batch"), limit=10, unit="image"))
     classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     return DataSpec("cifar10", Split(y, x), Split(yv, xv), num_classes=10, channels=3, size=(32, 32),
                     classes=classes, source=f"CIFAR-10 python batches in {folder}")
@@ -352,12 +355,12 @@ def cifar10(d, ctx):
 @DATASETS.register("csv", task="classification", kind="image", needs=("csv",))
 def pixel_csv(d, ctx):
     path = _existing(d.csv, "data.csv", "the pixel CSV (label, pixel1..pixelN)")
-    x, y = ctx.cached(f"csv-{path.stem}", [path], lambda: read_pixel_csv(path))   # one cache per file
-    ctx.check_labels(y, str(path), row_offset=1 + _header_lines(path))
+    x, y = ctx.cached(f"csv-{path.stem}", [path], lambda: read_pixel_csv(path),   # one cache per file
+                      check=lambda r: ctx.check_labels(r[1], str(path), row_offset=1 + _header_lines(path)))
     if d.val_csv:
         vpath = _existing(d.val_csv, "data.val_csv", "the validation pixel CSV")
-        xv, yv = ctx.cached(f"csv-{vpath.stem}", [vpath], lambda: read_pixel_csv(vpath))
-        ctx.check_labels(yv, str(vpath), row_offset=1 + _header_lines(vpath))
+        xv, yv = ctx.cached(f"csv-{vpath.stem}", [vpath], lambda: read_pixel_csv(vpath),
+                            check=lambda r: ctx.check_labels(r[1], str(vpath), row_offset=1 + _header_lines(vpath)))
         if xv.shape[1:] != x.shape[1:]:
             raise UserError(f"{vpath} has images of shape {tuple(xv.shape[1:])} but {path} has "
                             f"{tuple(x.shape[1:])}; both CSVs must have the same columns.")
@@ -854,9 +857,9 @@ class _Context:
         with self.rt.main_process_first():
             fn()
 
-    def cached(self, tag, sources, build):
+    def cached(self, tag, sources, build, check=None):
         return disk_cached(tag, sources, build, enabled=self.d.cache,
-                           write=self.rt is None or self.rt.local_rank == 0)
+                           write=self.rt is None or self.rt.local_rank == 0, check=check)
 
     def check_labels(self, y, where, rows=None, row_offset=1, limit=None, unit="line"):
         """Labels must lie in [0, model.num_classes) (or the dataset's own class count, `limit`);
@@ -882,24 +885,32 @@ def disk_cache_key(tag, sources, extra=()):
     return h.hexdigest()[:16]
 
 
-def disk_cached(tag, sources, build, enabled=True, write=True, extra=(), folder=None):
+def disk_cached(tag, sources, build, enabled=True, write=True, extra=(), folder=None, check=None):
     """build() once per source version; the result (tensors) is cached next to the first source.
 
     The key holds every source's size and mtime, so an edited file is decoded again. Writes are
     atomic (tmp + rename) and only done by one process per node; a read-only data directory
-    simply means no cache.
+    simply means no cache. check(result), when given, runs on fresh and cached results alike,
+    before anything is written: data that is refused leaves no cache behind.
     """
+    check = check or (lambda result: None)
     if not enabled:
-        return build()
+        result = build()
+        check(result)
+        return result
     folder = Path(folder or Path(sources[0]).parent) / ".cache"
     key = disk_cache_key(tag, sources, extra)
     path = folder / f"{tag}-{key}.pt"
     if path.is_file():
         try:
-            return tuple(torch.load(path, weights_only=True))
+            result = tuple(torch.load(path, weights_only=True))
         except Exception:
-            pass  # a damaged cache is rebuilt below
+            result = None  # a damaged cache is rebuilt below
+        if result is not None:
+            check(result)
+            return result
     result = build()
+    check(result)
     if write:
         try:
             folder.mkdir(exist_ok=True)
@@ -963,15 +974,15 @@ def _decode_to_memory(split, spec, d, rt, tag):
         if bad and d.on_bad_sample == "error":      # before anything is cached: an error writes nothing
             raise UserError(f"could not read image {bad[0]}; fix or remove the file, or set "
                             f"data.on_bad_sample=skip ({len(bad)} unreadable file(s)).")
-        return (torch.cat(xs) if xs else torch.zeros(0, spec.channels, *spec.size, dtype=torch.uint8),
-                torch.cat(ys) if ys else torch.zeros(0, dtype=torch.long), bad)
+        if not xs:
+            raise UserError(f"none of the {len(split)} images of {spec.root} could be read"
+                            + (f" (first: {bad[0]})" if bad else "") + "; check the files.")
+        return torch.cat(xs), torch.cat(ys), bad
 
     x, y, bad = disk_cached(tag, split.files, build, enabled=d.cache, write=rt is None or rt.local_rank == 0,
                             extra=(spec.size, spec.channels, split.y.tolist(), d.on_bad_sample),
                             folder=spec.root)
     spec.skipped += len(bad)
-    if len(y) == 0:
-        raise UserError(f"none of the {len(split)} images could be read (first: {bad[0]}).")
     return Split(y, x)
 
 
@@ -993,13 +1004,13 @@ def build_data(cfg, rt=None, device=None):
         else:
             nbytes = (len(spec.train) + len(spec.val)) * spec.channels * spec.size[0] * spec.size[1]
         loader = "memory" if nbytes <= d.memory_limit_gb * 2**30 else "dataloader"
-    if loader == "memory" and files:
-        spec.train = _decode_to_memory(spec.train, spec, d, rt, f"{spec.name}-train")
-        spec.val = _decode_to_memory(spec.val, spec, d, rt, f"{spec.name}-val")
     if d.classes is None and cfg.model.num_classes is not None and spec.task == "classification" \
             and cfg.model.num_classes < spec.num_classes:
         raise UserError(f"data.name={d.name} has {spec.num_classes} classes but model.num_classes="
                         f"{cfg.model.num_classes}; raise model.num_classes or pick classes with data.classes.")
+    if loader == "memory" and files:
+        spec.train = _decode_to_memory(spec.train, spec, d, rt, f"{spec.name}-train")
+        spec.val = _decode_to_memory(spec.val, spec, d, rt, f"{spec.name}-val")
     channels = d.channels or (cfg.model.in_channels if cfg.model.in_channels in (1, 3) else None)
     transform = BatchTransform(spec, d, device, channels_last=cfg.train.channels_last, channels=channels)
     common = dict(transform=transform, device=device, rank=rank, world=world, seed=cfg.seed)

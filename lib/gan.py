@@ -59,7 +59,7 @@ def preflight(cfg):
         raise UserError(f"{where(cfg, 'checkpoint.monitor')}: a GAN has no validation metric to pick best.pt "
                         f"by; leave checkpoint.monitor=none.")
     from lib import init, optim
-    init.check(cfg.model.init)
+    init.check(cfg.model.init, origins=cfg._origins)
     optim.check(cfg)
     return "generation", "image"
 

@@ -15,7 +15,7 @@
 import torch
 from torch import nn
 
-from lib.errors import UserError
+from lib.errors import UserError, did_you_mean
 from lib.registry import Registry, check_kwargs
 
 INITS = Registry("init scheme")
@@ -49,8 +49,14 @@ def _split(spec):
     return spec.pop("name", "default"), spec.pop("bias", None), spec
 
 
-def check(init_cfg, where="model.init"):
+def check(init_cfg, where="model.init", origins=None):
     """Validate the init section: scheme names, their arguments, and the per-type entries."""
+    source = (origins or {}).get(where)
+    if source:
+        try:
+            return check(init_cfg, where)
+        except UserError as e:
+            raise UserError(f"{source}: {e}") from None
     if not isinstance(init_cfg, dict):
         raise UserError(f"{where} must be a mapping like {{name: kaiming_normal}}.")
     top = {k: v for k, v in init_cfg.items() if k not in LAYER_TYPES}
@@ -65,7 +71,8 @@ def check(init_cfg, where="model.init"):
             raise UserError(f"{key}.bias must be a number or null, not {bias!r}.")
         if fn is None:
             if args:
-                raise UserError(f"{key}: 'default' takes no arguments (got {', '.join(args)}).")
+                hint = "".join(did_you_mean(a, ("name", "bias")) for a in args)
+                raise UserError(f"{key}: 'default' takes no arguments (got {', '.join(args)}){hint}.")
             continue
         check_kwargs(fn, args, key, skip=("tensor",))
 

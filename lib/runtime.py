@@ -219,10 +219,13 @@ class Runtime:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16" and not self.deepspeed)
         self._control_group = None
         self.skipped_steps = 0              # updates skipped for a non-finite gradient (on_nonfinite=skip)
-        # Fault-injection tests kill a run at an exact step: TRAIN_FAULT_PAUSE_AT_STEP=N holds every
-        # rank after optimizer step N (its log line and checkpoints written) until it is killed.
+        # Fault-injection tests stop a run at an exact step: TRAIN_FAULT_PAUSE_AT_STEP=N holds every
+        # rank (or only rank TRAIN_FAULT_PAUSE_RANK) after optimizer step N, its log line and
+        # checkpoints written, until it is killed; only in a launcher's first attempt.
         pause = os.environ.get("TRAIN_FAULT_PAUSE_AT_STEP", "")
-        self.fault_pause_step = int(pause) if pause.isdigit() else None
+        who = os.environ.get("TRAIN_FAULT_PAUSE_RANK", "")
+        self.fault_pause_step = int(pause) if pause.isdigit() and restart_count() == 0 and \
+            (not who.isdigit() or int(who) == self.rank) else None
         self._stop_signal = None
         self._old_handlers = {}
         if self.device.type == "cuda":
@@ -573,8 +576,9 @@ class Runtime:
 
     def pause_for_fault_test(self):
         print(f"[rank {self.rank}] paused for a fault test (TRAIN_FAULT_PAUSE_AT_STEP)", flush=True)
-        while True:
-            time.sleep(1)
+        while self._stop_signal is None:     # a launcher's SIGTERM ends the pause (and the process)
+            time.sleep(0.05)
+        os._exit(128 + signal.Signals[self._stop_signal].value)
 
     def write_stop_marker(self, text):
         """After a graceful stop, rank 0 writes `text` to $TRAIN_STOP_MARKER when the launcher asked
@@ -639,6 +643,26 @@ class Runtime:
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
         self._control_group = None
+
+
+_PEER_SIGNS = ("Timed out waiting", "timed out", "Connection closed by peer", "Connection reset by peer",
+               "Broken pipe", "connectFullMesh", "Watchdog caught collective operation timeout")
+
+
+def peer_failure(err):
+    """A sentence for an error that means another process of the job stopped answering (a collective
+    timed out after dist.timeout_s, or its connection broke), else None."""
+    import torch.distributed as dist
+    if CURRENT is None or CURRENT.world_size <= 1 or not dist.is_initialized():
+        return None
+    backend_errors = tuple(getattr(dist, n) for n in ("DistBackendError", "DistNetworkError") if hasattr(dist, n))
+    text = str(err)
+    if not (isinstance(err, backend_errors) or isinstance(err, RuntimeError) and any(s in text for s in _PEER_SIGNS)):
+        return None
+    first = text.strip().splitlines()[0][:200] if text.strip() else type(err).__name__
+    return (f"another process of this job stopped answering ({first}); this process waited "
+            f"dist.timeout_s={CURRENT.cfg.dist.timeout_s:g} s. Look at the other ranks' output for the cause "
+            f"(an error, a hang, a killed process); the last checkpoint is intact.")
 
 
 def exit_now(code):

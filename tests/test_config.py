@@ -83,6 +83,47 @@ def test_help_is_fast_and_lists_keys(tmp_path):
     assert elapsed < 3.0, f"--help took {elapsed:.2f}s"
 
 
+SHIPPED = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_config_passes_preflight(tmp_path, name):
+    """Each configs/*.yaml resolves through its script's pre-flight (--print-config, in this process)."""
+    import helpers
+    script_name = "gan_train.py" if name.startswith("dcgan") else "finetune.py" if name.startswith("finetune") \
+        else "train.py"
+    code, out, err = helpers.in_process(script_name, ["--config", REPO / "configs" / name, "--print-config"], tmp_path)
+    assert code == 0, err
+    resolved = yaml.safe_load(out)
+    assert resolved["name"] == yaml.safe_load((REPO / "configs" / name).read_text())["name"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_launcher_configs_are_consistent():
+    import json
+    for name in ("ddp", "deepspeed_zero2", "deepspeed_zero3"):
+        acc = yaml.safe_load((REPO / "configs/accelerate" / f"{name}.yaml").read_text())
+        assert acc["num_machines"] == 1 and acc["num_processes"] >= 1
+        if name == "ddp":
+            assert acc["distributed_type"] == "MULTI_GPU" and acc["mixed_precision"] == "no"
+        else:
+            assert acc["distributed_type"] == "DEEPSPEED" and "mixed_precision" not in acc
+            ds_file = REPO / acc["deepspeed_config"]["deepspeed_config_file"]
+            assert json.loads(ds_file.read_text())["zero_optimization"]["stage"] == int(name[-1])
+    for stage in (1, 2, 3):
+        ds = json.loads((REPO / f"configs/deepspeed/zero{stage}.json").read_text())
+        assert ds["zero_optimization"]["stage"] == stage
+        assert ds["train_micro_batch_size_per_gpu"] == ds["gradient_accumulation_steps"] == "auto"
+
+
+def test_print_config_is_fast(tmp_path):
+    t = time.perf_counter()
+    r = script("train.py", "--print-config", cwd=tmp_path)
+    elapsed = time.perf_counter() - t
+    assert r.returncode == 0 and "fashion_cnn" in r.stdout
+    assert elapsed < 3.0, f"--print-config took {elapsed:.2f}s"
+
+
 def test_print_config_resolves_and_imports_no_optional_packages(tmp_path):
     probe = ("import sys, runpy; sys.argv = ['train.py', '--print-config', 'optim.lr=0.05']\n"
              f"sys.path.insert(0, {str(REPO)!r})\n"

@@ -202,6 +202,28 @@ def test_decode_cache_is_reused_and_invalidated(tmp_path):
     assert len(list((tmp_path / ".cache").glob("csv-*.pt"))) == 1 and not cached[0].exists()
 
 
+def test_train_and_val_csvs_keep_their_own_caches(tmp_path, monkeypatch):
+    train = helpers.write_pixel_csv(tmp_path / "train.csv", n=60)
+    val = helpers.write_pixel_csv(tmp_path / "val.csv", n=30, seed=4)
+    args = ["data.name=csv", f"data.csv={train}", f"data.val_csv={val}"]
+    first = build_data(data_cfg(tmp_path, *args))
+    assert sorted(p.name.split("-")[1] for p in (tmp_path / ".cache").glob("csv-*.pt")) == ["train", "val"]
+    from lib import datasets
+    calls = []
+    monkeypatch.setattr(datasets, "read_pixel_csv", lambda p: calls.append(p))   # a decode would fail now
+    again = build_data(data_cfg(tmp_path, *args))
+    assert calls == [] and torch.equal(again.spec.val.x, first.spec.val.x) and len(again.spec.train) == 60
+
+
+def test_loader_auto_chooses_by_size(tmp_path):
+    assert build_data(data_cfg(tmp_path)).loader == "memory"                       # 1,797 digits: tiny
+    assert build_data(data_cfg(tmp_path, "data.memory_limit_gb=0.0001")).loader == "dataloader"
+    folder = helpers.write_image_folder(tmp_path / "imgs", n=20, size=8, split=False)
+    args = ["data.name=image_folder", f"data.images={folder}", "data.image_size=8"]
+    assert build_data(data_cfg(tmp_path, *args)).loader == "memory"
+    assert build_data(data_cfg(tmp_path, *args, "data.memory_limit_gb=1.0e-7")).loader == "dataloader"
+
+
 # ---------------------------------------------------------------------------------------------
 # Sharding: exact, reproducible, resumable
 # ---------------------------------------------------------------------------------------------
