@@ -84,7 +84,7 @@ def main(cfg):
         if unfreezer.due(state.epoch):
             n = unfreezer.apply()
             rt.print0(f"epoch {state.epoch + 1}: unfroze {n} parameter tensors (lr {unfreezer.lr:g})")
-            again, _ = rt.prepare(model)
+            again, _ = rt.prepare(model, compile=cfg.train.compile, channels_last=cfg.train.channels_last)
             current["step"] = make_train_step(again, loss_fn, optimizer, scheduler, rt, cfg, task)
 
     metrics = engine.fit(cfg=cfg, rt=rt, run=run, log=log, state=state, train_loader=data.train,

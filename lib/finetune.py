@@ -127,10 +127,14 @@ def match_weights(model, state, head, first_conv, keep_head):
     error naming the keys."""
     own = model.state_dict()
     src_head = _source_head(state)
-    loaded, dropped, adapted, problems = {}, [], None, []
+    loaded, dropped, adapted, problems, untracked = {}, [], None, [], 0
     for key, target in own.items():
         if key not in state:
-            if not (_under(key, head) or key.endswith("num_batches_tracked")):
+            if key.endswith("num_batches_tracked"):
+                untracked += 1                      # older torchvision files lack these counters
+            elif keep_head and _under(key, head):
+                problems.append(f"the kept head's {key} is not in the weights")
+            elif not _under(key, head):
                 problems.append(f"missing {key}")
             continue
         source = state[key]
@@ -149,16 +153,17 @@ def match_weights(model, state, head, first_conv, keep_head):
             problems.append(f"{key} has shape {tuple(source.shape)} there but {tuple(target.shape)} here")
     for key in state:
         if key not in own:
-            if _under(key, src_head) or _under(key, head):
+            if not keep_head and (_under(key, src_head) or _under(key, head)):
                 dropped.append(key)
             else:
                 problems.append(f"unexpected {key}")
     if problems:
         more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
         raise UserError(f"finetune.weights do not fit model {type(model).__name__}: {'; '.join(problems[:3])}{more}; "
-                        f"check model.name and its options (depths, widths) against the weights.")
+                        f"check model.name and its options (depths, widths, head) against the weights"
+                        + (", or use finetune.head=replace." if keep_head else "."))
     model.load_state_dict(loaded, strict=False)
-    return len(loaded), sorted(set(dropped)), adapted
+    return len(loaded), sorted(set(dropped)), adapted, untracked
 
 
 def adapt_channels(weight, channels):
@@ -182,6 +187,9 @@ def build_model(cfg, data):
             raise UserError(f"finetune.in_channels={f.in_channels} but the data has {data.transform.dst_channels} "
                             f"channel(s); set data.channels={f.in_channels} too.")
     if f.head == "keep":
+        if _source_head(state) is None:
+            raise UserError(f"finetune.head=keep, but {described} has no linear classifier to keep; use "
+                            f"finetune.head=replace.")
         rows = state[_source_head(state) + ".weight"].shape[0]
         if inputs["num_classes"] > rows:
             raise UserError(f"finetune.head=keep keeps a head of {rows} classes but the data has "
@@ -197,8 +205,10 @@ def build_model(cfg, data):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             models.replace_head(model, inputs["num_classes"], hidden)
-    count, dropped, adapted = match_weights(model, state, head, first_conv, keep_head=f.head == "keep")
-    report = [f"weights: {described}: loaded {count} tensors"]
+    count, dropped, adapted, untracked = match_weights(model, state, head, first_conv, keep_head=f.head == "keep")
+    report = [f"weights: {described}: loaded {count} of {len(model.state_dict())} tensors; missing: "
+              + (f"{untracked} batch-norm counters (num_batches_tracked, reset to 0)" if untracked else "none")
+              + "; unexpected: none (besides the head)"]
     if f.head == "keep":
         report.append(f"head {head} kept ({inputs['num_classes']} classes)")
     else:

@@ -92,9 +92,9 @@ def test_launch_variables_are_checked(monkeypatch):
 def test_slurm_gpu_binding_per_task_and_precedence(monkeypatch):
     """srun python with --gpus-per-task=1: SLURM shows each task one GPU (its cuda:0); dist.gpus and a
     user's CUDA_VISIBLE_DEVICES still come first and are logged with their source."""
-    for k in list(runtime.os.environ):
-        if k.startswith("SLURM_") or k in runtime.LAUNCH_VARS:
-            monkeypatch.delenv(k)
+    for k in [*runtime.LAUNCH_VARS, "CUDA_VISIBLE_DEVICES"] + [k for k in runtime.os.environ if k.startswith("SLURM_")]:
+        monkeypatch.setenv(k, "x")              # recorded, so that what prepare_env sets is undone after
+        monkeypatch.delenv(k)
     slurm = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2",
              "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "4242", "SLURM_STEP_GPUS": "6",
              "CUDA_VISIBLE_DEVICES": "6"}

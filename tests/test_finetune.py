@@ -38,6 +38,7 @@ def test_round_trip_frozen_backbone_learns_new_digits(pretrained, launcher):
     run = script if launcher == "python" else torchrun
     out = ok(run("finetune.py", *FINETUNE, f"name=ft_{launcher}", cwd=pretrained))
     assert "head fc rebuilt for 5 classes (dropped fc.bias, fc.weight)" in out
+    assert "missing: none; unexpected: none (besides the head)" in out
     assert re.search(r"trainable 645 of [\d,]+ parameters", out)
     assert helpers.final_metrics(out)["val/acc"] >= 0.90, out[-1500:]
     before = state_dict(pretrained / "runs/digits04/checkpoints/best.pt")["model"]
@@ -62,14 +63,30 @@ def test_exported_model_loads_in_train_py_and_finetune_py(pretrained):
 
 
 def test_freeze_by_children_and_plus_with_gradual_unfreezing(pretrained):
+    """The seed's recipe: the first 4 children (conv1, bn1, relu, maxpool) plus layer3.0 frozen for two
+    epochs (batch-norm statistics too unless finetune.freeze_bn=false), then everything trains."""
     out = ok(script("finetune.py", *FINETUNE, "train.epochs=3", "name=ft_unfreeze",
                     "finetune.freeze={children: 4, plus: [layer3.0]}", "finetune.unfreeze_at_epoch=3",
-                    "finetune.backbone_lr_mult=0.1", "optim.lr=0.01", cwd=pretrained))
+                    "finetune.backbone_lr_mult=0.1", "optim.lr=0.01", "finetune.freeze_bn=false", cwd=pretrained))
     assert "epoch 3: unfroze" in out and "(lr 0.001)" in out
     before = state_dict(pretrained / "runs/digits04/checkpoints/best.pt")["model"]
-    after = state_dict(pretrained / "runs/ft_unfreeze/model.pt")
+    run = pretrained / "runs/ft_unfreeze"
+    table = {line.split()[0]: line.split()[-1] for line in (run / "parameters.txt").read_text().splitlines()
+             if line.split() and line.split()[-1] in ("yes", "no")}
+    frozen = ("conv1.", "bn1.", "layer3.0.")
+    assert all(v == "no" for k, v in table.items() if k.startswith(frozen))
+    assert all(v == "yes" for k, v in table.items() if not k.startswith(frozen)) and "layer2.0.conv1.weight" in table
+    epoch2 = [p for p in sorted(run.glob("checkpoints/step_*.pt")) if state_dict(p)["epoch"] == 2][0]
+    mid = state_dict(epoch2)["model"]                          # after two epochs, before unfreezing
+    for k, v in before.items():
+        if k.startswith(frozen) and "running" not in k and "num_batches" not in k:
+            assert torch.equal(v, mid[k]), f"frozen {k} changed"
+        elif k.startswith(("layer2.", "layer4.")) and k.endswith("weight"):
+            assert not torch.equal(v, mid[k]), f"trainable {k} did not change"
+    assert not torch.equal(before["layer3.0.bn1.running_mean"], mid["layer3.0.bn1.running_mean"])  # freeze_bn=false
+    after = state_dict(run / "model.pt")
     assert not torch.equal(before["conv1.weight"], after["conv1.weight"])   # trained after unfreezing
-    ckpt = state_dict(pretrained / "runs/ft_unfreeze/checkpoints/last.pt")
+    ckpt = state_dict(run / "checkpoints/last.pt")
     assert len(ckpt["optimizer"]["param_groups"]) == 2
     assert ckpt["optimizer"]["param_groups"][1]["initial_lr"] == pytest.approx(0.001)
 
@@ -94,6 +111,8 @@ def test_torchvision_weights_from_the_cache_and_offline_message(tmp_path):
     (["model.widths=[8, 16, 32, 64]"], ["do not fit model ResNet", "shape"]),
     (["finetune.freeze=[lyaer1.*]"], ["pattern 'lyaer1.*' matches no module"]),
     (["finetune.head=swap"], ["must be replace, keep, or a list"]),
+    (["finetune.head=keep", "model.head=[32]"], ["the kept head's fc.0.weight is not in the weights",
+                                                 "or use finetune.head=replace"]),
 ])
 def test_errors_exit_2_with_one_sentence(pretrained, args, words):
     msg = user_error(script("finetune.py", *FINETUNE, "name=bad", *args, cwd=pretrained))

@@ -116,6 +116,21 @@ def test_torchvision_names_and_cifar_stem():
     assert model.conv1.kernel_size == (3, 3) and isinstance(model.maxpool, nn.Identity)
 
 
+def test_heads_are_found_and_replaced_linear_or_convolutional():
+    from lib.models import head_name, replace_head
+    sq = build_model(section(config.ModelCfg, name="torchvision:squeezenet1_1"), num_classes=5, in_channels=1,
+                     image_size=64)
+    assert head_name(sq) == "classifier.1"                    # SqueezeNet classifies with a 1x1 conv
+    replace_head(sq, 7)
+    assert sq(torch.randn(2, 1, 64, 64)).shape == (2, 7)
+    with pytest.raises(UserError, match="1x1 convolution"):
+        replace_head(sq, 7, hidden=[32])
+    r = build_model(section(config.ModelCfg, name="resnet"), num_classes=10, in_channels=3)
+    assert [n for n, _ in r.named_children()][:4] == ["conv1", "bn1", "relu", "maxpool"]   # torchvision's order
+    replace_head(r, 5, hidden=[400, 300])                     # the seed's 512 -> 400 -> ReLU -> 300 head
+    assert [m.out_features for m in r.fc if isinstance(m, nn.Linear)] == [400, 300, 5]
+
+
 def test_our_resnet_loads_torchvision_weights(tmp_path):
     import torchvision
     tv = torchvision.models.resnet18(num_classes=10)

@@ -59,19 +59,30 @@ def build_model(m, *, num_classes, in_channels, image_size=None, input_shape=Non
 
 
 def head_name(model):
-    """The model's classifier: its last nn.Linear (fc, classifier.6, heads.head, ...)."""
+    """The model's classifier: its last nn.Linear (fc, classifier.6, heads.head, ...), or for the
+    all-convolutional classifiers (SqueezeNet) the last 1x1 convolution."""
     import torch
     names = [n for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)]
     if not names:
-        raise UserError(f"{type(model).__name__} has no linear layer to use as its head.")
+        names = [n for n, mod in model.named_modules() if isinstance(mod, torch.nn.Conv2d) and mod.kernel_size == (1, 1)]
+    if not names:
+        raise UserError(f"{type(model).__name__} has no linear layer (or final 1x1 convolution) to use as its head.")
     return names[-1]
 
 
 def replace_head(model, num_classes, hidden=()):
-    """Swap the last linear layer for Linear(in, K), or an MLP in -> hidden... (ReLU) -> K."""
+    """Swap the last linear layer for Linear(in, K), or an MLP in -> hidden... (ReLU) -> K; a 1x1
+    convolutional classifier becomes a new Conv2d(in, K, 1)."""
     import torch
     name = head_name(model)
     old = model.get_submodule(name)
+    if isinstance(old, torch.nn.Conv2d):
+        if hidden:
+            raise UserError(f"{type(model).__name__} classifies with a 1x1 convolution ({name}); an MLP head "
+                            f"needs a linear classifier, so use finetune.head=replace.")
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, torch.nn.Conv2d(old.in_channels, num_classes, 1))
+        return name
     layers, width = [], old.in_features
     for h in hidden:
         layers += [torch.nn.Linear(width, h), torch.nn.ReLU()]

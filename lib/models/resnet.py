@@ -35,16 +35,15 @@ class ResNet(nn.Module):
         super().__init__()
         if len(depths) != len(widths) or not 1 <= len(depths) <= 4:
             raise ValueError("depths and widths need the same length, 1 to 4 stages")
-        if stem == "imagenet":
-            self.conv1 = nn.Conv2d(in_channels, widths[0], 7, 2, 3, bias=False)
-            self.maxpool = nn.MaxPool2d(3, 2, 1)
-        elif stem == "cifar":
-            self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
-            self.maxpool = nn.Identity()
-        else:
+        if stem not in ("cifar", "imagenet"):
             raise ValueError("stem must be 'cifar' or 'imagenet'")
+        # Children in torchvision's order (conv1, bn1, relu, maxpool, layer1, ...): freezing by child
+        # index means the same layers here as in torchvision's resnet18.
+        big = stem == "imagenet"
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 7 if big else 3, 2 if big else 1, 3 if big else 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1) if big else nn.Identity()
         cin = widths[0]
         for i, (depth, width) in enumerate(zip(depths, widths)):
             blocks = [BasicBlock(cin if j == 0 else width, width, 1 if (i == 0 or j > 0) else 2)
