@@ -180,6 +180,7 @@ class Runtime:
             and "RANK" in os.environ
         if distributed:
             handlers[0].backend = backend   # Accelerate treats a named backend as "distributed"
+        _resolve_accelerate_deepspeed_file()
         ds_plugin = self._deepspeed_plugin(cfg)
         use_ds = ds_plugin is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
         if use_ds:
@@ -270,6 +271,7 @@ class Runtime:
         path = cfg.dist.deepspeed
         if not path:
             return None
+        path = _from_repo(path)
         if not os.path.exists(path):
             raise UserError(f"dist.deepspeed={path} does not exist; point it at a DeepSpeed JSON file "
                             f"such as configs/deepspeed/zero2.json.")
@@ -736,6 +738,29 @@ def _init_process_group(backend, timeout_s):
         raise UserError(f"process {rank} of {world} could not join the others at {env['MASTER_ADDR']}:"
                         f"{env['MASTER_PORT']} ({str(e).splitlines()[0][:160]}); check MASTER_ADDR/MASTER_PORT, "
                         f"the network between nodes, and that every process was started.") from None
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _from_repo(path):
+    """A relative path that is not there from the current directory but is in this repository
+    (configs/deepspeed/zero2.json, as our accelerate configs name it) means the repository's file."""
+    if os.path.isabs(path) or os.path.exists(path) or not os.path.exists(os.path.join(REPO, path)):
+        return path
+    return os.path.join(REPO, path)
+
+
+def _resolve_accelerate_deepspeed_file():
+    """`accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml` from any directory."""
+    key = "ACCELERATE_DEEPSPEED_CONFIG_FILE"
+    path = os.environ.get(key)
+    if not path or path == "none":
+        return
+    os.environ[key] = _from_repo(path)
+    if not os.path.exists(os.environ[key]):
+        raise UserError(f"the accelerate config names the DeepSpeed file {path}, which does not exist (relative "
+                        f"paths count from the current directory); give an absolute deepspeed_config_file.")
 
 
 def _require_deepspeed():

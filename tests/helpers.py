@@ -10,9 +10,11 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -197,3 +199,38 @@ def in_process(script_name, args, cwd):
     finally:
         os.chdir(old)
     return code, out.getvalue(), err.getvalue()
+
+
+def kill_tree(proc):
+    """SIGKILL a launcher and everything under it (torchrun's workers live in their own sessions)."""
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+    except psutil.NoSuchProcess:
+        return
+    for p in family:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=30)
+
+
+def start(cmd, cwd, **extra_env):
+    """Start a command in its own session (stdout and stderr together), for tests that kill it."""
+    return subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env(**extra_env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for_step(run_dir, step, proc, timeout=120):
+    deadline = time.time() + timeout
+    path = run_dir / "metrics.jsonl"
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"finished before step {step}:\n{proc.stdout.read()[-3000:]}")
+        if path.exists():
+            rows = path.read_text().splitlines()
+            if rows and json.loads(rows[-1])["step"] >= step:
+                return
+        time.sleep(0.05)
+    kill_tree(proc)                                   # never leave a held run behind
+    raise AssertionError(f"step {step} not reached in {timeout}s")

@@ -190,7 +190,7 @@ def ddp_reference(tmp_path_factory):
     return state_dict(cwd / "runs/default/checkpoints/last.pt")
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_deepspeed_zero_equals_ddp_under_torchrun_and_zero2_resumes(tmp_path, stage, ddp_reference):
     ds = f"dist.deepspeed={REPO}/configs/deepspeed/zero{stage}.json"
     out = ok(torchrun("train.py", *SAME, ds, cwd=tmp_path, timeout=400))   # one epoch: 12 steps per rank
@@ -200,8 +200,38 @@ def test_deepspeed_zero_equals_ddp_under_torchrun_and_zero2_resumes(tmp_path, st
     assert (tmp_path / "runs/default/checkpoints" / ckpt["deepspeed"]).is_dir()
     for k, v in ddp_reference["model"].items():          # the consolidated weights equal plain DDP's
         assert torch.allclose(v, ckpt["model"][k], atol=1e-6), k
-    if stage == 2:
-        longer = [a for a in SAME if not a.startswith("train.epochs")] + ["train.epochs=2"]
-        out = ok(torchrun("train.py", *longer, ds, cwd=tmp_path, timeout=400))
-        assert f"resumed from runs/default/checkpoints/step_{ckpt['step']:08d}.pt at epoch 2, batch 0, step {ckpt['step']}" in out
-        assert state_dict(tmp_path / "runs/default/checkpoints/last.pt")["step"] == 2 * ckpt["step"]
+    if stage != 2:
+        return
+    # Killed mid-epoch after step 6 (step checkpoint at 4), resumed from the sharded state: the same
+    # weights as the unbroken run above, so the momentum buffers (sharded optimizer state) came back.
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--monitor-interval=0.5",
+           REPO / "train.py", *SAME, ds, "checkpoint.every_steps=4", "train.log_every=1"]
+    proc = helpers.start(cmd, cut, TRAIN_FAULT_PAUSE_AT_STEP=6)
+    try:
+        helpers.wait_for_step(cut / "runs/default", 6, proc, timeout=200)
+    finally:
+        helpers.kill_tree(proc)
+    out = ok(helpers.run([str(c) for c in cmd], cut, timeout=400))
+    assert "resumed from runs/default/checkpoints/step_00000004.pt at epoch 1, batch 4, step 4" in out
+    resumed = state_dict(cut / "runs/default/checkpoints/last.pt")
+    assert resumed["step"] == ckpt["step"]
+    for k, v in ckpt["model"].items():
+        assert torch.allclose(v, resumed["model"][k], atol=1e-7, rtol=0), k
+
+
+def test_deepspeed_through_the_shipped_accelerate_config_fine_tunes(tmp_path):
+    """accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml runs finetune.py as a
+    2-process ZeRO-2 job (from any directory); the frozen backbone stays bit-identical."""
+    ok(script("train.py", *SAME, "data.classes=[0, 1, 2, 3, 4]", "name=source", cwd=tmp_path))
+    source = state_dict(tmp_path / "runs/source/checkpoints/last.pt")["model"]
+    cmd = [PY, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/deepspeed_zero2.yaml"),
+           "--num_processes", "2", str(REPO / "finetune.py"), "model.name=mlp", "model.hidden=[64]",
+           "data.classes=[5, 6, 7, 8, 9]", "finetune.weights=runs/source/checkpoints/last.pt", "finetune.freeze=backbone",
+           "data.batch_size=32", "optim.lr=0.01", "train.epochs=2", "log.plots=false"]
+    out = ok(helpers.run(cmd, tmp_path, timeout=400))
+    assert "DeepSpeed ZeRO-2, 2 process(es)" in out and "launcher accelerate launch" in out
+    tuned = state_dict(tmp_path / "runs/finetune/model.pt")
+    assert torch.equal(tuned["1.weight"], source["1.weight"]) and tuned["4.weight"].shape == (5, 64)
+    assert helpers.final_metrics(out)["val/acc"] > 0.5

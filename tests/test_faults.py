@@ -30,39 +30,6 @@ FINETUNE = ["model.name=mlp", "model.hidden=[64]", "data.classes=[5, 6, 7, 8, 9]
 CASES = {"train.py": TRAIN, "gan_train.py": GAN, "finetune.py": FINETUNE}
 
 
-def _kill_tree(proc):
-    """SIGKILL a launcher and everything under it (torchrun's workers live in their own sessions)."""
-    try:
-        family = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
-    except psutil.NoSuchProcess:
-        return
-    for p in family:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait(timeout=30)
-
-
-def _start(cmd, cwd, **env):
-    return subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=helpers.env(**env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def _wait_for_step(run_dir, step, proc, timeout=120):
-    deadline = time.time() + timeout
-    path = run_dir / "metrics.jsonl"
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"finished before step {step}:\n{proc.stdout.read()[-3000:]}")
-        if path.exists():
-            rows = path.read_text().splitlines()
-            if rows and json.loads(rows[-1])["step"] >= step:
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"step {step} not reached in {timeout}s")
-
-
 def _launch(script_name, launcher):
     prefix = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--monitor-interval=0.5"] \
         if launcher == "torchrun" else [PY]
@@ -93,14 +60,14 @@ def test_sigkill_mid_epoch_then_resume_is_bit_exact(work, script_name, launcher)
     for d in (ref_dir, cut_dir):
         d.mkdir(parents=True)
     cmd = _launch(script_name, launcher) + args
-    ref = _start(cmd, ref_dir)
+    ref = helpers.start(cmd, ref_dir)
     assert ref.wait(timeout=300) == 0, ref.stdout.read()[-3000:]
-    cut = _start(cmd, cut_dir, TRAIN_FAULT_PAUSE_AT_STEP=7)   # every rank holds after step 7 ...
-    _wait_for_step(cut_dir / "runs/run", 7, cut)            # past the step-4 checkpoint, mid-epoch
-    _kill_tree(cut)                                          # ... and is killed there
+    cut = helpers.start(cmd, cut_dir, TRAIN_FAULT_PAUSE_AT_STEP=7)   # every rank holds after step 7 ...
+    helpers.wait_for_step(cut_dir / "runs/run", 7, cut)            # past the step-4 checkpoint, mid-epoch
+    helpers.kill_tree(cut)                                          # ... and is killed there
     killed_at = read_jsonl(cut_dir / "runs/run/metrics.jsonl")[-1]["step"]
     assert killed_at == 7
-    again = _start(cmd, cut_dir)
+    again = helpers.start(cmd, cut_dir)
     out = again.communicate(timeout=300)[0]
     assert again.returncode == 0, out[-3000:]
     resumed = int(re.search(r"resumed from \S+ at epoch \d+, (?:batch \d+, )?step (\d+)", out).group(1))
@@ -131,8 +98,8 @@ def test_torchrun_max_restarts_recovers_a_killed_worker(work):
     cwd.mkdir()
     cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--monitor-interval=0.5",
            "--max-restarts=1", REPO / "train.py", *TRAIN]
-    proc = _start(cmd, cwd, TRAIN_FAULT_PAUSE_AT_STEP=6)     # the first attempt holds after step 6
-    _wait_for_step(cwd / "runs/run", 6, proc)
+    proc = helpers.start(cmd, cwd, TRAIN_FAULT_PAUSE_AT_STEP=6)     # the first attempt holds after step 6
+    helpers.wait_for_step(cwd / "runs/run", 6, proc)
     workers = psutil.Process(proc.pid).children(recursive=True)
     victim = [w for w in workers if "train.py" in " ".join(w.cmdline())][-1]
     victim.kill()                                            # kill -9 one rank
