@@ -164,12 +164,18 @@ class Bare:
         return steps * b / (CLOCK() - t)
 
 
-def alternate(loops, args):
+def alternate(loops, args, rt=None):
     """Warm up each loop, then time `rounds` alternating blocks of ~0.5 s; medians of images/s.
     Blocks that run back to back see the same machine, so the ratio is taken per round (this VM's
-    speed drifts by tens of percent between rounds; the per-round ratio does not)."""
+    speed drifts by tens of percent between rounds; the per-round ratio does not). Under DDP every
+    rank must run the same number of steps: the block length is agreed on (rt)."""
     rate = max(loop.block(3) for loop in loops.values())        # warm-up, and a speed estimate
     steps = args.steps or max(1, round(0.5 * rate / args.batch))
+    if rt is not None and rt.world_size > 1:
+        import torch
+        agreed = torch.tensor([steps], device=rt.device)
+        rt.all_reduce_(agreed, op="max")
+        steps = int(agreed.item())
     results = {name: [] for name in loops}
     for _ in range(args.rounds):
         for name, loop in loops.items():
@@ -203,8 +209,8 @@ def write_fashion_like(root, n_train=60000, n_val=10000):
 
 
 class SeedStyle:
-    """The seed's pipeline: per-sample ToPILImage -> Resize -> ToTensor (-> Normalize) in a
-    DataLoader with worker processes, feeding the bare step."""
+    """The seed's pipeline: per-sample ToPILImage -> Resize -> ToTensor in a DataLoader with
+    worker processes (persistent, started before timing), feeding the bare step."""
 
     def __init__(self, x_uint8, y, size, batch, workers=2):
         import torch
@@ -212,7 +218,7 @@ class SeedStyle:
 
         class Items(torch.utils.data.Dataset):
             def __init__(self):
-                self.t = T.Compose([T.ToPILImage(), T.Resize(size), T.ToTensor(), T.Normalize((0.5,), (0.5,))])
+                self.t = T.Compose([T.ToPILImage(), T.Resize(size), T.ToTensor()])
 
             def __len__(self):
                 return len(y)
@@ -254,8 +260,14 @@ def step_mode(args, tmp):
 
 
 def loader_mode(args, tmp):
+    """The data path alone: 60,000 FashionMNIST-format images at 28x28 (gzip IDX files, decoded once
+    like train.py does), or synthetic images of another size / channel count."""
     import torch
-    data = ["data.name=synthetic", f"data.channels={args.channels}", "data.num_samples=20000"]
+    if args.image_size == 28 and args.channels == 1:
+        root = Path(args.data_root) if args.data_root else write_fashion_like(Path(tmp) / "data")
+        data = ["data.name=fashion_mnist", f"data.root={root}", "data.download=false", "data.cache=false"]
+    else:
+        data = ["data.name=synthetic", f"data.channels={args.channels}", "data.num_samples=20000"]
     ours = Ours(args, data, tmp)
     split = ours.data.spec.train
     x_np = split.x.permute(0, 2, 3, 1).numpy()[..., 0] if args.channels == 1 else split.x.permute(0, 2, 3, 1).numpy()
@@ -276,8 +288,8 @@ def loader_mode(args, tmp):
     ours_rate = statistics.median(ours_epoch() for _ in range(5))
     time_loader(iter(seed.loader), 2 * args.batch)            # start the workers
     seed_rate = time_loader(iter(seed.loader), n - args.batch)
-    return {"mode": "loader", **vars_of(args), "ours_img_s": round(ours_rate), "seed_img_s": round(seed_rate),
-            "ratio": round(ours_rate / seed_rate, 1)}
+    return {"mode": "loader", **vars_of(args), "images": n, "data": ours.cfg.data.name,
+            "ours_img_s": round(ours_rate), "seed_img_s": round(seed_rate), "ratio": round(ours_rate / seed_rate, 1)}
 
 
 def end_to_end_mode(args, tmp):
@@ -345,7 +357,7 @@ def ddp_mode(args, tmp, repeats=3):
 
 def ddp_worker(args, tmp):
     ours = Ours(args, ["data.name=synthetic", f"data.channels={args.channels}", "data.num_samples=10000"], tmp)
-    rate = alternate({"ours": ours}, args)["ours"]          # images/s of all ranks together
+    rate = alternate({"ours": ours}, args, rt=ours.rt)["ours"]   # images/s of all ranks together
     result = {"ours_img_s": round(rate), "world": ours.rt.world_size}
     ours.rt.shutdown()
     return result if ours.rt.is_main else None

@@ -6,6 +6,7 @@ A checkpoint is one file, a dict with these keys (DESIGN.md section 3):
     model | generator, discriminator, ...   unwrapped state_dicts (no DDP / compile prefixes)
     optimizer, scheduler, scaler           their state_dicts (GAN: opt_g, opt_d, ...)
     epoch, batch, step, best, best_epoch   the loop position (LoopState); batch > 0 means mid-epoch
+    skipped_steps, meter                   updates skipped (on_nonfinite=skip); the epoch's running sums
     rng                                    one entry per rank: python, numpy, torch (and cuda) states
     config                                 the resolved config (a plain dict)
     world_size, format, saved_at, metrics  bookkeeping

@@ -6,6 +6,7 @@ as `step_fn(x, y, micro)` and returns a dict of per-batch *sums* on the device p
 reported metric is sum / count, reduced across ranks only when it is read (no host-device sync per
 step).
 """
+import signal
 import time
 from dataclasses import asdict, dataclass
 
@@ -50,6 +51,7 @@ class LoopState:
 class Micro:
     update: bool            # this micro-batch ends an optimizer step
     scale: float            # 1 / number of micro-batches in this step (gradient accumulation)
+    first: bool = True      # this micro-batch starts an optimizer step (its gradients start from zero)
 
 
 class Meter:
@@ -228,7 +230,8 @@ def train_one_epoch(state, loader, step_fn, rt, log, run, objects, cfg, guard, o
     for x, y in loader:
         group_start = state.batch - state.batch % t.grad_accum
         group = min(t.grad_accum, n - group_start)
-        micro = Micro(update=state.batch + 1 == group_start + group, scale=1.0 / group)
+        micro = Micro(update=state.batch + 1 == group_start + group, scale=1.0 / group,
+                      first=state.batch == group_start)
         meter.add(guard.watch(step_fn(x, y, micro), state.step))
         images += y.shape[0]
         state.batch += 1
@@ -300,7 +303,7 @@ def fit(*, cfg, rt, run, log, state, train_loader, step_fn, eval_fn, objects, lr
             if finished or improved or (every and state.epoch % every == 0):
                 run.save(objects, state, best=improved, metrics=metrics)
     finally:
-        rt.restore_signal_handlers()
+        rt.restore_signal_handlers(only=(signal.SIGINT,))
     return metrics
 
 

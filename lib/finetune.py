@@ -52,7 +52,8 @@ def preflight(cfg):
                             f"({cfg.train.epochs}).")
     if f.backbone_lr_mult <= 0:
         raise UserError(f"{where(cfg, 'finetune.backbone_lr_mult')} must be positive.")
-    if f.unfreeze_at_epoch and cfg.dist.deepspeed:
+    from lib.runtime import deepspeed_requested
+    if f.unfreeze_at_epoch and deepspeed_requested(cfg):
         raise UserError("finetune.unfreeze_at_epoch does not combine with DeepSpeed (the engine's parameter "
                         "groups are fixed at start); unfreeze from the start or drop DeepSpeed.")
     return checks.preflight(cfg)

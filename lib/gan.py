@@ -27,7 +27,8 @@ def preflight(cfg):
     if cfg.loss.name != "bce_with_logits" or cfg.loss.extra:
         raise UserError(f"{where(cfg, 'loss.name')}: the DCGAN losses are fixed (BCE with logits, "
                         f"non-saturating G loss); remove the loss section.")
-    if cfg.dist.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+    from lib.runtime import deepspeed_requested
+    if deepspeed_requested(cfg):
         raise UserError("gan_train.py does not run under DeepSpeed: ZeRO shards one model and one optimizer, "
                         "a GAN steps two in alternation; launch with torchrun or accelerate launch "
                         "(configs/accelerate/ddp.yaml) instead.")

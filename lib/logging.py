@@ -170,7 +170,11 @@ class RunLogger:
         if self.cfg.log.plots:
             self.plot()
         keys = [k for k in metrics if (k.startswith("val/") or k == "train/loss") and not k.endswith("/samples")]
+        if not keys:                              # no validation (a GAN): the last epoch's training numbers
+            keys = [k for k in metrics if k.startswith("train/")]
         summary = ", ".join(f"{k} {_fmt(metrics[k])}" for k in keys)
+        if extra.startswith(", ") and not summary:
+            extra = extra[2:]
         first = f", first step after {self.first_step_s:.1f}s" if self.first_step_s else ""
         total = time.time() - self.started
         print(f"done: {summary}{extra} in {total:.1f}s{first}; run directory {self.dir}", flush=True)

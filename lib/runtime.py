@@ -182,7 +182,7 @@ class Runtime:
             handlers[0].backend = backend   # Accelerate treats a named backend as "distributed"
         _resolve_accelerate_deepspeed_file()
         ds_plugin = self._deepspeed_plugin(cfg)
-        use_ds = ds_plugin is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+        use_ds = ds_plugin is not None or deepspeed_requested(cfg)
         if use_ds:
             _require_deepspeed()
             if cfg.train.on_nonfinite == "skip":
@@ -545,10 +545,11 @@ class Runtime:
             os._exit(128 + signum)
         self._stop_signal = self._stop_signal or signal.Signals(signum).name
 
-    def restore_signal_handlers(self):
-        for sig, handler in self._old_handlers.items():
-            signal.signal(sig, handler)
-        self._old_handlers = {}
+    def restore_signal_handlers(self, only=None):
+        """Put back the handlers we replaced (`only` these signals: after training, Ctrl-C goes back to
+        Python's, while a late TERM/USR1 still only sets the flag until shutdown())."""
+        for sig in [s for s in self._old_handlers if only is None or s in only]:
+            signal.signal(sig, self._old_handlers.pop(sig))
 
     def should_stop(self):
         """True on every rank as soon as any rank has received a stop signal."""
@@ -741,6 +742,11 @@ def _init_process_group(backend, timeout_s):
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def deepspeed_requested(cfg):
+    """DeepSpeed asked for by dist.deepspeed (torchrun) or by an accelerate launch DeepSpeed config."""
+    return bool(cfg.dist.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
 
 
 def _from_repo(path):

@@ -184,6 +184,12 @@ def test_class_subset_relabels(tmp_path):
     assert set(data.spec.train.y.tolist()) == {0, 1, 2, 3, 4}
     full = build_data(data_cfg(tmp_path))
     assert len(data.spec.train) == int((full.spec.train.y >= 5).sum())
+    keep = full.spec.train.y >= 5                                    # 5 -> 0, ..., 9 -> 4, order kept
+    assert torch.equal(data.spec.train.y, full.spec.train.y[keep] - 5)
+    assert torch.equal(data.spec.train.x, full.spec.train.x[keep])
+    swapped = build_data(data_cfg(tmp_path, "data.classes=[9, 3]"))   # relabelled in the order given
+    assert swapped.spec.classes == ["9", "3"]
+    assert torch.equal(swapped.spec.train.y, (full.spec.train.y[(full.spec.train.y == 9) | (full.spec.train.y == 3)] == 3).long())
 
 
 def test_decode_cache_is_reused_and_invalidated(tmp_path):

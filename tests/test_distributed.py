@@ -20,6 +20,7 @@ def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(tmp_path):
     one = state_dict(tmp_path / "runs/one/checkpoints/last.pt")
     two = state_dict(tmp_path / "runs/two/checkpoints/last.pt")
     assert one["step"] == two["step"] == 46 and two["world_size"] == 2 and len(two["rng"]) == 2
+    assert not torch.equal(two["rng"][0]["torch"], two["rng"][1]["torch"])   # each rank its own stream
     for k in one["model"]:
         assert torch.allclose(one["model"][k], two["model"][k], atol=1e-5), k
     assert one["metrics"]["val/acc"] > 0.8               # it learned (the point is the equality above)
