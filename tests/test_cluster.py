@@ -200,6 +200,13 @@ def test_deepspeed_zero_equals_ddp_under_torchrun_and_zero2_resumes(tmp_path, st
     assert (tmp_path / "runs/default/checkpoints" / ckpt["deepspeed"]).is_dir()
     for k, v in ddp_reference["model"].items():          # the consolidated weights equal plain DDP's
         assert torch.allclose(v, ckpt["model"][k], atol=1e-6), k
+    if stage == 1:
+        return
+    # The default config itself (the FashionMNIST CNN: batch norm, dropout) for one epoch.
+    out = ok(torchrun("train.py", "train.epochs=1", "log.plots=false", "name=default_cfg", ds, cwd=tmp_path,
+                      timeout=400))
+    assert f"DeepSpeed ZeRO-{stage}, 2 process(es)" in out and "model: fashion_cnn" in out
+    assert helpers.final_metrics(out)["val/acc"] > 0.5
     if stage != 2:
         return
     # Killed mid-epoch after step 6 (step checkpoint at 4), resumed from the sharded state: the same
