@@ -387,15 +387,16 @@ def main():
             result = end_to_end_mode(args, tmp)
         else:
             result = step_mode(args, tmp)
-    if result is None:
-        return
-    result["torch"] = torch.__version__
-    if args.json:
-        print(json.dumps(result), flush=True)
-    else:
-        width = max(map(len, result))
-        for k, v in result.items():
-            print(f"{k:>{width}}  {v}")
+    if result is not None:
+        result["torch"] = torch.__version__
+        if args.json:
+            print(json.dumps(result), flush=True)
+        else:
+            width = max(map(len, result))
+            for k, v in result.items():
+                print(f"{k:>{width}}  {v}")
+    from lib import runtime
+    runtime.exit_now(0)      # after a process group (--ddp workers): no teardown racing gloo's threads
 
 
 if __name__ == "__main__":

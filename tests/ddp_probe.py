@@ -27,3 +27,4 @@ for micro in range(6):
         rt.backward(model(torch.randn(5, 4)).square().mean())
 print(f"rank {rt.rank}/{rt.world_size}: {len(calls)} all-reduces", flush=True)
 rt.shutdown()
+runtime.exit_now(0)      # as the scripts end (lib/cli.py): no interpreter teardown racing gloo's threads
