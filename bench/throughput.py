@@ -171,7 +171,7 @@ def alternate(loops, args, rt=None):
     rank must run the same number of steps: the block length is agreed on (rt)."""
     rate = max(loop.block(3) for loop in loops.values())        # warm-up, and a speed estimate
     steps = args.steps or max(1, round(0.5 * rate / args.batch))
-    if rt is not None and rt.world_size > 1:
+    if rt is not None:                                          # all_reduce_ is a no-op in one process
         import torch
         agreed = torch.tensor([steps], device=rt.device)
         rt.all_reduce_(agreed, op="max")

@@ -901,14 +901,15 @@ def disk_cached(tag, sources, build, enabled=True, write=True, extra=(), folder=
     folder = Path(folder or Path(sources[0]).parent) / ".cache"
     key = disk_cache_key(tag, sources, extra)
     path = folder / f"{tag}-{key}.pt"
+    cached = None
     if path.is_file():
         try:
-            result = tuple(torch.load(path, weights_only=True))
+            cached = tuple(torch.load(path, weights_only=True))
         except Exception:
-            result = None  # a damaged cache is rebuilt below
-        if result is not None:
-            check(result)
-            return result
+            pass  # a damaged cache is rebuilt below
+    if cached is not None:
+        check(cached)
+        return cached
     result = build()
     check(result)
     if write:

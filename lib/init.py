@@ -50,13 +50,18 @@ def _split(spec):
 
 
 def check(init_cfg, where="model.init", origins=None):
-    """Validate the init section: scheme names, their arguments, and the per-type entries."""
+    """Validate the init section: scheme names, their arguments, and the per-type entries; errors
+    name the file (or the command line) the section came from, when `origins` knows it."""
     source = (origins or {}).get(where)
-    if source:
-        try:
-            return check(init_cfg, where)
-        except UserError as e:
-            raise UserError(f"{source}: {e}") from None
+    try:
+        _check(init_cfg, where)
+    except UserError as e:
+        if not source:
+            raise
+        raise UserError(f"{source}: {e}") from None
+
+
+def _check(init_cfg, where):
     if not isinstance(init_cfg, dict):
         raise UserError(f"{where} must be a mapping like {{name: kaiming_normal}}.")
     top = {k: v for k, v in init_cfg.items() if k not in LAYER_TYPES}

@@ -2,7 +2,6 @@
 processes), torchrun --max-restarts after a killed worker, damaged and uncommitted checkpoints, a
 full disk, non-finite losses, one rank failing, malicious checkpoints, and a fuzz of bad configs
 and bad data files (exit 2, one line, no traceback, nothing written)."""
-import json
 import os
 import re
 import resource

@@ -80,15 +80,14 @@ def replace_head(model, num_classes, hidden=()):
         if hidden:
             raise UserError(f"{type(model).__name__} classifies with a 1x1 convolution ({name}); an MLP head "
                             f"needs a linear classifier, so use finetune.head=replace.")
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, torch.nn.Conv2d(old.in_channels, num_classes, 1))
-        return name
-    layers, width = [], old.in_features
-    for h in hidden:
-        layers += [torch.nn.Linear(width, h), torch.nn.ReLU()]
-        width = h
-    layers.append(torch.nn.Linear(width, num_classes))
-    new = layers[0] if len(layers) == 1 else torch.nn.Sequential(*layers)
+        new = torch.nn.Conv2d(old.in_channels, num_classes, 1)
+    else:
+        layers, width = [], old.in_features
+        for h in hidden:
+            layers += [torch.nn.Linear(width, h), torch.nn.ReLU()]
+            width = h
+        layers.append(torch.nn.Linear(width, num_classes))
+        new = layers[0] if len(layers) == 1 else torch.nn.Sequential(*layers)
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
     return name
