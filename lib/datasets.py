@@ -792,9 +792,11 @@ class FileLoader(_Loader):
 
     def __iter__(self):
         b = self.start
-        batches = iter(self.dataloader)  # the sampler reads self.start here
-        self.start = 0
-        for x, y, bad in batches:
+        # The sampler reads self.start when the first batch is asked for: at once with workers, but
+        # only at the first next() without them. So the start is reset after the first batch (or
+        # when the epoch had nothing left), not here.
+        for x, y, bad in self.dataloader:
+            self.start = 0
             if bad:
                 if self.on_bad_sample == "error":
                     raise UserError(f"could not read image {bad[0]}; fix or remove the file, or set "
@@ -809,6 +811,7 @@ class FileLoader(_Loader):
             x = x.to(self.device, non_blocking=True)
             yield self.transform(x, self.augment_seed(b)), y.to(self.device, non_blocking=True)
             b += 1
+        self.start = 0
 
 
 # ---------------------------------------------------------------------------------------------

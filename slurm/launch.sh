@@ -25,7 +25,10 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-1}}}
 GPUS_PER_NODE=${GPUS_PER_NODE##*:}              # "a100:4" -> "4"
 PYTHON=${PYTHON:-python3}
 OVERRIDES=${OVERRIDES:-}
-HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# The first host of the allocation. Read every name, then cut: `| head -n 1` closes the pipe early,
+# scontrol dies of SIGPIPE on a long host list and pipefail ends the job with status 141.
+HOSTS=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
+HEAD=${HOSTS%%$'\n'*}
 PORT=$((15000 + ${SLURM_JOB_ID:-0} % 5000))     # derived from the job id: concurrent jobs do not collide
 export REQUEUE_ON_SIGNAL=${REQUEUE_ON_SIGNAL:-1}
 # The CPUs of one task (one node's torchrun) are shared by its GPUS_PER_NODE workers.

@@ -58,10 +58,11 @@ def test_two_torchrun_nodes_equal_one_node_with_the_same_global_batch(tmp_path):
 def _sbatch(tmp_path, template, overrides, job_id, **extra_env):
     """Run a SLURM template with `bash` under the shims, as sbatch would on 2 nodes x 1 process."""
     log = tmp_path / "shim.log"
-    env = helpers.env(PATH=f"{SHIMS}:{os.environ['PATH']}", SHIM_LOG=log, SHIM_DIR=tmp_path, SHIM_NODES=2,
-                      SLURM_JOB_ID=job_id, SLURM_JOB_NODELIST="node[1-2]", SLURM_JOB_NUM_NODES=2,
-                      SLURM_SUBMIT_DIR=REPO, GPUS_PER_NODE=1, PYTHON=PY,
-                      OVERRIDES=f"output_dir={tmp_path / 'runs'} " + overrides, **extra_env)
+    settings = dict(PATH=f"{SHIMS}:{os.environ['PATH']}", SHIM_LOG=log, SHIM_DIR=tmp_path, SHIM_NODES=2,
+                    SLURM_JOB_ID=job_id, SLURM_JOB_NODELIST="node[1-2]", SLURM_JOB_NUM_NODES=2,
+                    SLURM_SUBMIT_DIR=REPO, GPUS_PER_NODE=1, PYTHON=PY,
+                    OVERRIDES=f"output_dir={tmp_path / 'runs'} " + overrides)
+    env = helpers.env(**{**settings, **extra_env})
     return subprocess.Popen(["bash", str(REPO / "slurm" / template)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True), log
 
@@ -72,6 +73,20 @@ def _wait(proc, timeout=240):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         raise
+
+
+def test_slurm_template_reads_the_first_of_thousands_of_hosts(tmp_path):
+    """A 20,000-node host list: the template takes the first host without closing scontrol's pipe
+    early (`| head -n 1` made scontrol die of SIGPIPE and the job exit 141 under pipefail)."""
+    stub = tmp_path / "python"                            # stands in for python: logs what it was asked to run
+    stub.write_text(f'#!/usr/bin/env bash\necho "ran: $*" >> {tmp_path / "ran.log"}\n')
+    stub.chmod(0o755)
+    proc, log = _sbatch(tmp_path, "train.sh", "", "4242", SHIM_NODES=20000, SLURM_JOB_NUM_NODES=1,
+                        PYTHON=stub)
+    out = _wait(proc, timeout=60)
+    assert proc.returncode == 0, out[-2000:]
+    assert "rendezvous 127.0.0.1:19242" in out
+    assert "--rdzv_endpoint=127.0.0.1:19242" in (tmp_path / "ran.log").read_text()
 
 
 def test_slurm_template_sigusr1_checkpoints_requeues_and_resumes(tmp_path):

@@ -125,11 +125,37 @@ def test_image_folder_memory_and_dataloader_give_the_same_batches(tmp_path, spli
     dl = build_data(data_cfg(tmp_path, *args, "data.loader=dataloader", "data.num_workers=2"))
     assert mem.loader == "memory" and dl.loader == "dataloader" and mem.spec.num_classes == 10
     for loader_a, loader_b in ((mem.train, dl.train), (mem.val, dl.val)):
-        for epoch in (0, 1):
-            loader_a.set_epoch(epoch)
-            loader_b.set_epoch(epoch)
-            for (xa, ya), (xb, yb) in zip(loader_a, loader_b):
+        resumed = ((1, 2),) if loader_a is mem.train else ()     # training resumed mid-epoch at batch 2
+        for epoch, start in ((0, 0), (1, 0), *resumed):
+            loader_a.set_epoch(epoch, start)
+            loader_b.set_epoch(epoch, start)
+            a, b = list(loader_a), list(loader_b)
+            assert len(a) == len(b) == len(loader_a) - start >= 1
+            for (xa, ya), (xb, yb) in zip(a, b):
                 assert torch.equal(ya, yb) and torch.allclose(xa, xb, atol=1e-6)
+    assert sum(len(y) for _, y in mem.val) == len(mem.spec.val)   # evaluation: every sample once
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_file_loader_resumes_mid_epoch_with_the_same_batches(tmp_path, workers):
+    """The file (DataLoader) path, resumed at batch k of an epoch, yields exactly batches k.. of the
+    unbroken epoch: the same samples, the same augmentation draws, with and without workers."""
+    root = helpers.write_image_folder(tmp_path / "folder", n=72, size=16, split=False)
+    data = build_data(data_cfg(tmp_path, "data.name=image_folder", f"data.images={root}", "data.image_size=16",
+                               "data.batch_size=8", "data.augment=crop_flip", "data.loader=dataloader",
+                               f"data.num_workers={workers}"))
+    loader = data.train
+    loader.set_epoch(3)
+    full = [(x.clone(), y.clone()) for x, y in loader]
+    assert len(full) == len(loader) >= 6
+    for start in (1, 4):
+        loader.set_epoch(3, start_batch=start)
+        rest = list(loader)
+        assert len(rest) == len(full) - start
+        for (xa, ya), (xb, yb) in zip(full[start:], rest):
+            assert torch.equal(ya, yb) and torch.equal(xa, xb)
+    loader.set_epoch(3)                                        # the next plain epoch starts at batch 0 again
+    assert len(list(loader)) == len(full)
 
 
 def test_bad_image_is_named_or_skipped(tmp_path):
@@ -192,19 +218,24 @@ def test_class_subset_relabels(tmp_path):
     assert torch.equal(swapped.spec.train.y, (full.spec.train.y[(full.spec.train.y == 9) | (full.spec.train.y == 3)] == 3).long())
 
 
-def test_decode_cache_is_reused_and_invalidated(tmp_path):
+def test_decode_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
+    from lib import datasets
+    decodes, read = [], datasets.read_pixel_csv
+    monkeypatch.setattr(datasets, "read_pixel_csv", lambda p: decodes.append(p) or read(p))   # counts decodes
     path = helpers.write_pixel_csv(tmp_path / "train.csv", n=100)
     args = ["data.name=csv", f"data.csv={path}"]
-    build_data(data_cfg(tmp_path, *args))
+    first = build_data(data_cfg(tmp_path, *args))
     cached = list((tmp_path / ".cache").glob("csv-*.pt"))
-    assert len(cached) == 1
-    t = time.perf_counter()
-    build_data(data_cfg(tmp_path, *args))
-    assert time.perf_counter() - t < 2.0
+    assert len(decodes) == 1 and len(cached) == 1
+    again = build_data(data_cfg(tmp_path, *args))               # reused: no decode, the same tensors
+    assert len(decodes) == 1
+    for a, b in ((first.spec.train, again.spec.train), (first.spec.val, again.spec.val)):
+        assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
     lines = path.read_text().splitlines()
-    path.write_text("\n".join(lines[:51]) + "\n")              # the source changes: decoded again
+    path.write_text("\n".join(lines[:51]) + "\n")              # the source changes: decoded again, once
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
     assert len(build_data(data_cfg(tmp_path, *args)).spec.train) == 40
+    assert len(decodes) == 2
     assert len(list((tmp_path / ".cache").glob("csv-*.pt"))) == 1 and not cached[0].exists()
 
 
@@ -265,9 +296,23 @@ def test_loader_resumes_mid_epoch_with_the_same_batches(tmp_path):
 
 
 def test_train_runs_on_real_files_end_to_end(tmp_path):
-    """A user's run on FashionMNIST-format files: downloaded nothing, trained, wrote the run directory."""
+    """A user's run on FashionMNIST-format files (gzip IDX) with the shipped FashionMNIST config:
+    nothing downloaded, every file sample trained on and evaluated, and the model learns."""
+    import csv
     helpers.write_mnist_like(tmp_path / "data", "FashionMNIST", n_train=512, n_val=128)
-    out = helpers.ok(helpers.script("train.py", "--config", helpers.REPO / "configs/lenet.yaml", "train.epochs=2",
-                                    "data.download=false", "data.batch_size=64", "optim.lr=0.5", cwd=tmp_path))
+    raw = sorted(p.name for p in (tmp_path / "data/FashionMNIST/raw").iterdir())
+    out = helpers.ok(helpers.script("train.py", "--config", helpers.REPO / "configs/fashion_cnn.yaml", "train.epochs=2",
+                                    "data.download=false", "data.batch_size=64", "log.plots=false", cwd=tmp_path))
     assert "fashion_mnist: 512 train / 128 val" in out
-    assert (tmp_path / "runs" / "lenet" / "checkpoints" / "last.pt").exists()
+    with open(tmp_path / "runs/fashion_cnn/metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [8, 16]                       # 512 / 64 batches per epoch
+    assert all(int(r["val/samples"]) == 128 for r in rows)                 # every validation image, once
+    losses = [float(r["train/loss"]) for r in rows]
+    assert losses[1] < losses[0] and float(rows[1]["val/loss"]) < float(rows[0]["val/loss"])
+    final = helpers.final_metrics(out)
+    assert final["val/acc"] >= 0.7, out[-1500:]                            # chance is 0.1; 0.78 measured
+    ckpt = helpers.state_dict(tmp_path / "runs/fashion_cnn/checkpoints/last.pt")
+    assert ckpt["step"] == 16 and ckpt["metrics"]["val/acc"] == pytest.approx(final["val/acc"], abs=1e-4)
+    after = sorted(p.name for p in (tmp_path / "data/FashionMNIST/raw").iterdir() if p.name != ".cache")
+    assert after == raw                                                  # nothing fetched (beside the decode cache)

@@ -18,12 +18,12 @@ import helpers
 from helpers import PY, REPO, ok, read_jsonl, script, state_dict, torchrun
 
 QUIET = ["log.plots=false", "log.progress=false"]
-TRAIN = ["model.name=mlp", "model.hidden=[64]", "model.init={name: default}", "data.batch_size=64",
+TRAIN = ["model.name=mlp", "model.hidden=[64]", "model.dropout=0.2", "model.init={name: default}", "data.batch_size=64",
          "train.epochs=2", "train.log_every=1", "checkpoint.every_steps=4", "name=run", *QUIET]
 GAN = ["--config", REPO / "configs/dcgan_digits.yaml", "gan.g_features=8", "gan.d_features=8", "gan.latent_dim=16",
        "data.batch_size=64", "gan.sample_every=100", "gan.grid=16", "gan.ema=0.9", "train.log_every=1",
        "train.epochs=1", "checkpoint.every_steps=4", "name=run", *QUIET]
-FINETUNE = ["model.name=mlp", "model.hidden=[64]", "data.classes=[5, 6, 7, 8, 9]", "finetune.freeze=backbone",
+FINETUNE = ["model.name=mlp", "model.hidden=[64]", "model.dropout=0.2", "data.classes=[5, 6, 7, 8, 9]", "finetune.freeze=backbone",
             "finetune.weights={source}", "data.batch_size=32", "train.epochs=2", "train.log_every=1",
             "checkpoint.every_steps=4", "name=run", *QUIET]
 CASES = {"train.py": TRAIN, "gan_train.py": GAN, "finetune.py": FINETUNE}
@@ -155,6 +155,59 @@ def test_full_disk_keeps_the_previous_checkpoint_and_says_so(trained):
     assert "the previous checkpoint is intact" in p.stderr
     after = {q.name: q.read_bytes() for q in big.iterdir()}
     assert after == before                                   # nothing lost, no temporary files left
+
+
+def test_atomic_writes_keep_the_old_file_when_a_write_fails(tmp_path, monkeypatch):
+    """A checkpoint or text file being replaced survives a write that fails half-way (a full disk
+    while torch.save writes, an I/O error at fsync): the old bytes stay, no temporary file is left."""
+    import errno
+    from lib import checkpoint
+    ckpt, text = tmp_path / "last.pt", tmp_path / "config.yaml"
+    checkpoint.atomic_save({"step": 1, "w": torch.ones(4)}, ckpt, commit=True)
+    checkpoint.atomic_write_text(text, "old: 1\n")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real_save = torch.save
+
+    def half_written(obj, f):                                  # the disk fills up half-way through
+        real_save(obj, f)
+        f.truncate(f.tell() // 2)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", half_written)
+    with pytest.raises(OSError):
+        checkpoint.atomic_save({"step": 2, "w": torch.zeros(1000)}, ckpt, commit=True)
+    monkeypatch.undo()
+
+    def failing_fsync(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError):
+        checkpoint.atomic_save({"step": 3, "w": torch.zeros(1000)}, ckpt, commit=True)
+    with pytest.raises(OSError):
+        checkpoint.atomic_write_text(text, "new: 2\n")
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert checkpoint.load(ckpt)["step"] == 1 and text.read_text() == "old: 1\n"
+
+
+def test_stop_signals_set_a_flag_that_every_check_sees():
+    """SIGUSR1 / SIGTERM only set the stop flag (no I/O in the handler); should_stop() then says stop,
+    a repeated signal is the same request, and shutdown() puts the previous handlers back."""
+    from lib import config, runtime
+    before = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    rt = runtime.setup(config.load(config.Config, None, []))
+    try:
+        assert rt.stop_signal is None and not rt.should_stop()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.01)                                       # delivered at the next bytecode boundary
+        assert rt.stop_signal == "SIGUSR1" and rt.should_stop()
+        os.kill(os.getpid(), signal.SIGTERM)                   # a cluster asks again: still the first request
+        time.sleep(0.01)
+        assert rt.stop_signal == "SIGUSR1" and rt.should_stop()
+    finally:
+        rt.shutdown()
+    assert {s: signal.getsignal(s) for s in before} == before
 
 
 def test_nonfinite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path):

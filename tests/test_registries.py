@@ -157,39 +157,120 @@ def _net():
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 4), nn.LSTM(4, 4))
 
 
-SCHEME_CHECKS = {
-    "default": ({}, lambda w, before: torch.equal(w, before)),
-    "uniform": ({"a": -0.1, "b": 0.1}, lambda w, b: w.abs().max() <= 0.1 and w.std() > 0.03),
-    "normal": ({"mean": 0.5, "std": 0.01}, lambda w, b: abs(w.mean() - 0.5) < 0.01),
-    "constant": ({"val": 0.3}, lambda w, b: torch.all(w == 0.3)),
-    "ones": ({}, lambda w, b: torch.all(w == 1)),
-    "zeros": ({}, lambda w, b: torch.all(w == 0)),
-    "eye": ({}, lambda w, b: torch.equal(w, torch.eye(*w.shape))),
-    "dirac": ({}, None),
-    "xavier_uniform": ({"gain": 1.0}, lambda w, b: abs(w.std() - math.sqrt(2 / sum(w.shape))) < 0.05),
-    "xavier_normal": ({}, lambda w, b: abs(w.std() - math.sqrt(2 / sum(w.shape))) < 0.05),
-    "kaiming_uniform": ({"nonlinearity": "relu"}, lambda w, b: abs(w.std() - math.sqrt(2 / w.shape[1])) < 0.05),
-    "kaiming_normal": ({"nonlinearity": "relu"}, lambda w, b: abs(w.std() - math.sqrt(2 / w.shape[1])) < 0.05),
-    "orthogonal": ({}, lambda w, b: torch.allclose(w @ w.T, torch.eye(w.shape[0]), atol=1e-5)),
-    "sparse": ({"sparsity": 0.5}, lambda w, b: ((w == 0).sum(0) >= w.shape[0] // 2).all()),
-    "trunc_normal": ({"std": 1.0, "a": -0.5, "b": 0.5}, lambda w, b: w.abs().max() <= 0.5),
+def _fans(w):
+    k = w[0, 0].numel()                                    # receptive field: 1 for a Linear, 3x3 for the conv
+    return w.shape[1] * k, w.shape[0] * k                  # fan_in, fan_out
+
+
+def _std_is(w, want, rel=0.05):
+    got = w.std().item()
+    assert abs(got - want) <= rel * want, f"std {got:.4g}, theory {want:.4g}"
+
+
+def _mean_is(w, want, std):
+    assert abs(w.mean().item() - want) <= 0.05 * std, f"mean {w.mean().item():.4g}, theory {want}"
+
+
+def _uniform_is(w, lo, hi):
+    """U(lo, hi): never outside, reaches both ends, mean (lo+hi)/2, std (hi-lo)/sqrt(12)."""
+    assert lo <= w.min() < lo + 0.02 * (hi - lo) and hi - 0.02 * (hi - lo) < w.max() <= hi, (w.min(), w.max())
+    _mean_is(w, (lo + hi) / 2, (hi - lo) / math.sqrt(12))
+    _std_is(w, (hi - lo) / math.sqrt(12))
+
+
+def _bounded_is(w, bound):
+    _uniform_is(w, -bound, bound)
+
+
+def _normal_is(w, mean, std, bell=True):
+    _mean_is(w, mean, std)
+    _std_is(w, std)
+    if bell:                                               # a normal, not a uniform of the same std (57.7%)
+        inside = ((w - mean).abs() < std).float().mean().item()
+        assert abs(inside - 0.6827) < 0.02, f"{inside:.3f} within one std, a normal has 0.683"
+
+
+def _orthogonal_is(w, gain):
+    m = w.flatten(1)
+    small = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+    assert torch.allclose(small, gain ** 2 * torch.eye(len(small)), atol=1e-4)
+
+
+def _trunc_normal_std(std, a, b, mean):
+    """Standard deviation of N(mean, std) truncated to [a, b], from the closed form."""
+    phi = lambda z: math.exp(-z * z / 2) / math.sqrt(2 * math.pi)   # noqa: E731
+    cdf = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))          # noqa: E731
+    al, be = (a - mean) / std, (b - mean) / std
+    z = cdf(be) - cdf(al)
+    var = 1 + (al * phi(al) - be * phi(be)) / z - ((phi(al) - phi(be)) / z) ** 2
+    return std * math.sqrt(var)
+
+
+def _trunc_normal_is(w, mean, std, a, b):
+    assert a <= w.min() and w.max() <= b, (w.min(), w.max())
+    _normal_is(w, mean, _trunc_normal_std(std, a, b, mean), bell=False)
+
+
+def _sparse_is(w, sparsity, std):
+    zeros = (w == 0).sum(0)                                # torch zeroes ceil(sparsity * rows) of each column
+    assert torch.all(zeros == math.ceil(sparsity * w.shape[0])), zeros.unique()
+    _normal_is(w[w != 0], 0.0, std)
+
+
+RELU, TANH, LEAKY_05 = math.sqrt(2), 5 / 3, math.sqrt(2 / (1 + 0.5 ** 2))   # torch.nn.init.calculate_gain
+# name -> [(scheme arguments, check(weight, weight before): False or an AssertionError when wrong)].
+# The layers are never square (fan_in != fan_out) and big enough that the empirical std is within
+# ~1% of the theory, so a fan-mode mix-up (a factor 2 here) or a lost gain fails the 5% tolerance.
+SCHEME_CASES = {
+    "default": [({}, lambda w, before: torch.equal(w, before))],
+    "uniform": [({"a": -0.1, "b": 0.3}, lambda w, _: _uniform_is(w, -0.1, 0.3))],
+    "normal": [({"mean": 0.5, "std": 0.02}, lambda w, _: _normal_is(w, 0.5, 0.02))],
+    "constant": [({"val": 0.3}, lambda w, _: torch.all(w == 0.3))],
+    "ones": [({}, lambda w, _: torch.all(w == 1))],
+    "zeros": [({}, lambda w, _: torch.all(w == 0))],
+    "eye": [({}, lambda w, _: torch.equal(w, torch.eye(*w.shape)))],
+    "dirac": [({}, None)],                                 # checked by its output below
+    "xavier_uniform": [
+        ({}, lambda w, _: _bounded_is(w, math.sqrt(6 / sum(_fans(w))))),
+        ({"gain": 1.5}, lambda w, _: _bounded_is(w, 1.5 * math.sqrt(6 / sum(_fans(w)))))],
+    "xavier_normal": [
+        ({}, lambda w, _: _normal_is(w, 0.0, math.sqrt(2 / sum(_fans(w))))),
+        ({"gain": 0.5}, lambda w, _: _normal_is(w, 0.0, 0.5 * math.sqrt(2 / sum(_fans(w)))))],
+    "kaiming_uniform": [                                   # bound gain * sqrt(3 / fan), fan_in by default
+        ({"nonlinearity": "relu"}, lambda w, _: _bounded_is(w, RELU * math.sqrt(3 / _fans(w)[0]))),
+        ({"mode": "fan_out", "nonlinearity": "tanh"}, lambda w, _: _bounded_is(w, TANH * math.sqrt(3 / _fans(w)[1])))],
+    "kaiming_normal": [                                    # std gain / sqrt(fan)
+        ({"nonlinearity": "relu"}, lambda w, _: _normal_is(w, 0.0, RELU / math.sqrt(_fans(w)[0]))),
+        ({"mode": "fan_out", "nonlinearity": "leaky_relu", "a": 0.5},
+         lambda w, _: _normal_is(w, 0.0, LEAKY_05 / math.sqrt(_fans(w)[1])))],
+    "orthogonal": [({}, lambda w, _: _orthogonal_is(w, 1.0)), ({"gain": 2.0}, lambda w, _: _orthogonal_is(w, 2.0))],
+    "sparse": [({"sparsity": 0.3, "std": 0.02}, lambda w, _: _sparse_is(w, 0.3, 0.02))],
+    "trunc_normal": [({"mean": 0.5, "std": 1.0, "a": -1.5, "b": 2.5},
+                      lambda w, _: _trunc_normal_is(w, 0.5, 1.0, -1.5, 2.5))],
 }
 
 
 @pytest.mark.parametrize("name", sorted(INITS.names()))
 def test_every_init_scheme(name):
-    args, ok = SCHEME_CHECKS[name]
-    if name == "dirac":   # identity convolution: output equals input
-        conv = nn.Conv2d(3, 3, 3, padding=1, bias=False)
-        apply_init(conv, {"name": "default", "conv": {"name": "dirac"}})
-        x = torch.randn(1, 3, 5, 5)
-        assert torch.allclose(conv(x), x)
-        return
-    layer = nn.Linear(64, 64)
-    before = layer.weight.detach().clone()
-    apply_init(layer, {"name": name, "bias": 0.25, **args})
-    assert ok(layer.weight.detach(), before), name
-    assert torch.all(layer.bias == 0.25)
+    ranks = INITS.meta(name)["ranks"]
+    for args, ok in SCHEME_CASES[name]:
+        torch.manual_seed(0)
+        # fan_in 400 / 16*9 = 144 and fan_out 100 / 64*9 = 576: kaiming's two modes differ by 2x
+        layers = [nn.Linear(400, 100), nn.Conv2d(16, 64, 3, padding=1)]
+        layers = [m for m in layers if ranks is None or ranks == "2+" or m.weight.dim() in ranks]
+        assert layers, name
+        for layer in layers:
+            before = layer.weight.detach().clone()
+            apply_init(layer, {"name": name, "bias": 0.25, **args})
+            w = layer.weight.detach()
+            if name == "dirac":                            # identity convolution: the first 16 outputs are
+                x = torch.randn(2, 16, 7, 7)               # the input, the other 48 only the bias
+                out = layer(x).detach()
+                assert torch.allclose(out[:, :16], x + 0.25, atol=1e-6) and torch.all(out[:, 16:] == 0.25)
+            else:
+                result = ok(w, before)                     # a bool, or None from the asserting checks
+                assert result is None or bool(result), (name, args, type(layer).__name__)
+            assert torch.all(layer.bias == 0.25)
 
 
 def test_init_policies_by_layer_type():
@@ -261,8 +342,21 @@ def test_every_loss(name):
         loss.backward()
         assert torch.isfinite(loss) and pred.grad is not None
     if not meta["tasks"]:
-        if name == "linear_cross_entropy":
-            return  # a fused projection + loss; refused everywhere (message tested above)
+        if name == "linear_cross_entropy":   # a fused projection + loss; refused everywhere (message tested above)
+            fn = LOSSES.get(name)(in_features=8, num_classes=5)
+            w = torch.randn(5, 8)
+            with torch.no_grad():
+                fn.linear.weight.copy_(w)                # its own final layer: logits = h @ W.T
+            h, y = torch.randn(6, 8, requires_grad=True), torch.randint(0, 5, (6,))
+            loss = fn(h, y)
+            loss.backward()
+            h_ref, w_ref = h.detach().clone().requires_grad_(), w.clone().requires_grad_()
+            ref = F.cross_entropy(h_ref @ w_ref.T, y)
+            ref.backward()
+            assert loss.dim() == 0 and torch.allclose(loss, ref, atol=1e-6), (loss, ref)
+            assert torch.allclose(h.grad, h_ref.grad, atol=1e-6)
+            assert torch.allclose(fn.linear.weight.grad, w_ref.grad, atol=1e-6)
+            return
         loss = LOSSES.get(name)(**NATURAL_ARGS.get(name, {}))(*_natural_inputs(name))
         loss = getattr(loss, "loss", loss)                 # adaptive_log_softmax returns (output, loss)
         assert torch.isfinite(loss)
@@ -310,10 +404,24 @@ def test_every_optimizer(name):
     if meta["sparse"]:
         with pytest.raises(UserError, match="only updates sparse gradients"):
             build_optimizer(o, model)
-        emb = nn.Embedding(10, 4, sparse=True)
-        opt = OPTIMIZERS.get(name)(emb.parameters(), lr=0.1)
-        emb(torch.tensor([1, 2])).sum().backward()
-        opt.step()
+        torch.manual_seed(0)
+        emb = nn.Embedding(10, 4, sparse=True)           # an all-sparse model is accepted
+        opt = build_optimizer(section(config.OptimCfg, name=name, lr=0.1), emb)
+        rows, target = torch.tensor([1, 2, 1, 7]), torch.randn(4, 4)
+        before = emb.weight.detach().clone()
+
+        def sparse_loss():
+            return (emb(rows) - target).square().sum()
+
+        first = sparse_loss().item()
+        for _ in range(5):
+            opt.zero_grad()
+            sparse_loss().backward()
+            assert emb.weight.grad.is_sparse
+            opt.step()
+        changed = (emb.weight.detach() != before).any(1)
+        assert changed.tolist() == [i in (1, 2, 7) for i in range(10)], changed   # only rows with gradients
+        assert sparse_loss().item() < first
         return
     if meta["matrices_only"]:
         with pytest.raises(UserError, match="only optimizes 2-D weight matrices"):
