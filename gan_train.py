@@ -5,22 +5,13 @@
     torchrun --nproc_per_node=4 gan_train.py --config configs/dcgan.yaml
     python gan_train.py --sample 100 --from runs/dcgan/checkpoints/last.pt     # 100 images from a checkpoint
 """
+import os
 import sys
 
 from lib import cli
 from lib.config import GanConfig
 
-DEFAULTS = {   # the DCGAN paper's settings; YAML files and the command line override them
-    "name": "dcgan",
-    "data": {"image_size": 32, "batch_size": 64, "normalize": "symmetric"},
-    "model": {"name": "dcgan_generator",
-              "init": {"name": "default", "conv": {"name": "normal", "mean": 0.0, "std": 0.02},
-                       "norm": {"name": "normal", "mean": 1.0, "std": 0.02, "bias": 0.0}}},
-    "loss": {"name": "bce_with_logits"},
-    "optim": {"name": "adam", "lr": 2.0e-4, "betas": [0.5, 0.999]},
-    "checkpoint": {"monitor": "none"},
-    "train": {"epochs": 10, "log_every": 20},
-}
+DEFAULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "script_defaults", "gan_train.yaml")
 
 
 def main(cfg):
@@ -28,31 +19,26 @@ def main(cfg):
     import torch
     import torch.nn.functional as F
 
-    from lib import checkpoint, datasets, engine, gan, logging, optim, runtime
+    from lib import engine, gan, optim, runlog, startup
 
     # 1) Check the config before touching data or files.
     gan.preflight(cfg)
 
-    # 2) Start the runtime. D is called twice before a backward (real, then fake), so DDP must not
+    # 2) Start the runtime, open the run directory (resume, fresh, or refuse) and load the images
+    #    (labels are unused). D is called twice before a backward (real, then fake), so DDP must not
     #    broadcast batch-norm buffers during forward (pytorch#22095): each rank keeps its own.
-    rt = runtime.setup(cfg, runtime.prepare_env(cfg), broadcast_buffers=False)
-    rt.print0(f"runtime: {rt.describe()}" + "".join(f"\n  {n}" for n in rt.notes))
+    rt, run, data = startup.start(cfg, broadcast_buffers=False)
 
-    # 3) Open the run directory (resume, fresh, or refuse) and load the images (labels are unused).
-    run = checkpoint.Run(cfg, rt, force=cfg._force)
-    data = datasets.build_data(cfg, rt)
-    rt.print0(f"data: {data.describe()}")
-
-    # 4) Build G and D (same init on every rank), their optimizers, the EMA and the fixed noise.
+    # 3) Build G and D (same init on every rank), their optimizers, the EMA and the fixed noise.
     g, d = gan.build_models(cfg, data)
     opt_g, opt_d = optim.build_optimizer(cfg.optim, g), optim.build_optimizer(cfg.optim, d)
     g, opt_g = rt.prepare(g, opt_g, compile=cfg.train.compile, channels_last=cfg.train.channels_last)
     d, opt_d = rt.prepare(d, opt_d, compile=cfg.train.compile, channels_last=cfg.train.channels_last)
-    ema = gan.make_ema(cfg, rt.unwrap(g))
-    fixed_noise = gan.fixed_noise(cfg, rt.device)      # drawn once; saved in every checkpoint
+    ema = gan.make_ema(cfg.gan, rt.unwrap(g))
+    fixed_noise = gan.fixed_noise(cfg.gan, cfg.seed, rt.device)   # drawn once; saved in every checkpoint
     rt.print0(f"models: G {gan.count(g):,} and D {gan.count(d):,} parameters; latent {cfg.gan.latent_dim}")
 
-    # 5) Resume (or start fresh), then write config.yaml and env.json.
+    # 4) Resume (or start fresh), then write config.yaml and env.json.
     state = engine.LoopState()
     objects = {"generator": rt.unwrap(g), "discriminator": rt.unwrap(d), "optimizer_g": opt_g,
                "optimizer_d": opt_d, "scaler": rt.scaler, "fixed_noise": fixed_noise,
@@ -60,12 +46,12 @@ def main(cfg):
     if run.restore(objects, state):
         rt.print0(f"resumed from {run.resumed_from} at epoch {state.epoch + 1}, step {state.step}")
     run.create(rt.env_info())
-    log = logging.RunLogger(run.dir, cfg, rt, state, lr_fn=lambda: opt_g.param_groups[0]["lr"],
-                            plot_groups=gan.PLOT_GROUPS, started=cfg._started)
+    log = runlog.RunLogger(run.dir, cfg, rt, state, lr_fn=lambda: opt_g.param_groups[0]["lr"],
+                           plot_groups=gan.PLOT_GROUPS, started=cfg._started)
     grids = gan.Grids(run.dir / "samples", data.transform, rt)
     grids.save_reals(data.train)
 
-    # 6) Train. (1) D learns real -> 1 and detached fake -> 0; (2) G learns to make D say 1 on its
+    # 5) Train. (1) D learns real -> 1 and detached fake -> 0; (2) G learns to make D say 1 on its
     #    fakes (the non-saturating loss). Both under autocast; fp16 scales each backward and updates
     #    the scale once per iteration, after both optimizer steps.
     real_label = cfg.gan.real_label
@@ -107,7 +93,7 @@ def main(cfg):
                          step_fn=gan_step, eval_fn=dict, objects=objects,
                          lr_fn=lambda: opt_g.param_groups[0]["lr"], on_update=on_update)
 
-    # 7) Finish: a last grid, the curves, the summary; leave the process group cleanly.
+    # 6) Finish: a last grid, the curves, the summary; leave the process group cleanly.
     if not metrics.get("stopped"):
         grids.save(ema.module if ema is not None else rt.unwrap(g), fixed_noise, state.step)
         log.finish(metrics, extra=f", samples in {grids.folder}")
@@ -130,7 +116,7 @@ def sample_command(args):
     return gan.sample_from_checkpoint(args.sample, args.from_ckpt, args.out, args.seed)
 
 
-CLI = dict(schema=GanConfig, description=__doc__, script_defaults=DEFAULTS,   # how lib.cli runs this script
+CLI = dict(schema=GanConfig, description=__doc__, defaults=DEFAULTS,   # how lib.cli runs this script
            preflight="lib.gan:preflight", extra_args=sample_args, command=sample_command)
 
 if __name__ == "__main__":

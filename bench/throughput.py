@@ -8,7 +8,7 @@
     python bench/throughput.py --device cuda --precision bf16 --channels-last --compile --model resnet18 ...
 
 "Ours" is the real path of train.py: the config and runtime, the memory loader (uint8 on the device,
-sliced, converted and normalized per batch), train.make_train_step, and engine.train_one_epoch with
+sliced, converted and normalized per batch), lib.steps.make_train_step, and engine.train_one_epoch with
 its meters, non-finite guard and logger. "Bare" is the loop one writes by hand: float tensors already
 normalized on the device, forward, cross-entropy, zero_grad, backward, step. Both use the same model
 (same init), batch and data; blocks of steps alternate so that drift hits both. Images/s are medians.
@@ -52,7 +52,8 @@ def parse():
     p.add_argument("--end-to-end", action="store_true", help="whole epochs on 60,000 FashionMNIST-format images")
     p.add_argument("--ddp", action="store_true", help="2-process DDP (torchrun, gloo) vs this process")
     p.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--data-root", default=None, help="FashionMNIST files for --end-to-end (default: written to a temp dir)")
+    p.add_argument("--data-root", default=None,
+                   help="FashionMNIST files for --end-to-end (default: written to a temp dir)")
     p.add_argument("--json", action="store_true", help="print one JSON line (for scripts)")
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                    help="cpu: this process's CPU time (steadier on a shared VM; CPU only)")
@@ -66,8 +67,9 @@ def parse():
 class Ours:
     def __init__(self, args, data_overrides, tmp):
         import torch
-        from lib import checkpoint, config, datasets, engine, logging, losses, models, optim, runtime
-        from train import make_train_step
+        from lib import checkpoint, config, engine, losses, models, optim, runlog, runtime
+        from lib.data import build_data
+        from lib.steps import make_train_step
         self.torch, self.engine = torch, engine
         overrides = [f"model.name={MODELS[args.model]}", f"data.image_size={args.image_size}",
                      f"data.batch_size={args.batch}", f"train.precision={args.precision}",
@@ -84,7 +86,7 @@ class Ours:
             os.environ["CUDA_VISIBLE_DEVICES"] = ""
         self.rt = rt = runtime.setup(cfg, runtime.prepare_env(cfg))
         self.cfg = cfg
-        self.data = datasets.build_data(cfg, rt)
+        self.data = build_data(cfg, rt)
         self.inputs = self.data.model_inputs(cfg.model)
         raw = models.build_model(cfg.model, **self.inputs, seed=cfg.seed)
         self.fresh = copy.deepcopy(raw)                          # the bare loop starts from the same weights
@@ -94,11 +96,11 @@ class Ours:
                                           total_steps=10**9)
         self.model, self.optimizer = rt.prepare(raw, optimizer, compile=cfg.train.compile,
                                                 channels_last=cfg.train.channels_last)
-        self.step_fn = make_train_step(self.model, self.loss_fn, self.optimizer, scheduler, rt, cfg,
+        self.step_fn = make_train_step(self.model, self.loss_fn, self.optimizer, scheduler, rt, cfg.train,
                                        "classification")
         self.state = engine.LoopState()
         self.run = checkpoint.Run(cfg, rt)
-        self.log = logging.RunLogger(Path(tmp), cfg, rt, self.state, lr_fn=lambda: optimizer.param_groups[0]["lr"])
+        self.log = runlog.RunLogger(Path(tmp), cfg, rt, self.state, lr_fn=lambda: optimizer.param_groups[0]["lr"])
         self.guard = engine.NonFiniteGuard(rt, "stop")
         self.objects = {}
 
@@ -192,10 +194,10 @@ def alternate(loops, args, rt=None):
 def write_fashion_like(root, n_train=60000, n_val=10000):
     """FashionMNIST-format gzip IDX files of n 28x28 images (digits upscaled, noised): learnable."""
     import numpy as np
-    from lib.datasets import _sklearn_digits
+    from lib.data.sources import sklearn_digits
     raw = Path(root) / "FashionMNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
-    table = _sklearn_digits()
+    table = sklearn_digits()
     rng = np.random.default_rng(0)
     for stem, n in (("train", n_train), ("t10k", n_val)):
         idx = rng.integers(0, len(table), n)
@@ -252,7 +254,8 @@ def step_mode(args, tmp):
     pairs = [o / b for o, b in zip(alternate.rounds["ours"], alternate.rounds["bare"])]
     overhead_us = (args.batch / r["ours"] - args.batch / r["bare"]) * 1e6
     return {"mode": "step", **vars_of(args), "ours_img_s": round(r["ours"]), "bare_img_s": round(r["bare"]),
-            "ours_step_ms": round(1e3 * args.batch / r["ours"], 3), "bare_step_ms": round(1e3 * args.batch / r["bare"], 3),
+            "ours_step_ms": round(1e3 * args.batch / r["ours"], 3),
+            "bare_step_ms": round(1e3 * args.batch / r["bare"], 3),
             "overhead_us_per_step": round(overhead_us),
             "ratio": round(statistics.median(pairs), 3), "ratio_of_medians": round(r["ours"] / r["bare"], 3),
             "ratio_quartiles": [round(q, 3) for q in statistics.quantiles(pairs, n=4)],
@@ -338,12 +341,13 @@ def ddp_mode(args, tmp, repeats=3):
     single = Ours(args, ["data.name=synthetic", f"data.channels={args.channels}", "data.num_samples=10000"], tmp)
     args.rounds = max(3, args.rounds // repeats)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
-           "--ddp-worker", "--json", "--rounds", str(args.rounds), *[a for a in sys.argv[1:] if a not in ("--ddp", "--json")]]
+           "--ddp-worker", "--json", "--rounds", str(args.rounds),
+           *[a for a in sys.argv[1:] if a not in ("--ddp", "--json")]]
     ones, twos = [], []
     for _ in range(repeats):
         ones.append(alternate({"ours": single}, args)["ours"])
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
-        line = [l for l in out.stdout.splitlines() if l.startswith("{")]
+        line = [s for s in out.stdout.splitlines() if s.startswith("{")]
         if out.returncode != 0 or not line:
             raise SystemExit(f"torchrun failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
         twos.append(json.loads(line[-1])["ours_img_s"])

@@ -1,7 +1,7 @@
 """Pre-flight: check a whole config against every registry before any data or file is touched, so
 a typo fails in a second with one sentence instead of after a download or an hour of training.
 """
-from lib import datasets, init, losses, models, optim
+from lib import data, init, losses, models, optim
 from lib.config import where
 from lib.errors import UserError
 
@@ -9,9 +9,9 @@ MONITORS = {"classification": ("val/acc", "val/loss", "val/top5", "train/loss", 
             "regression": ("val/loss", "val/mse", "train/loss", "train/mse")}
 
 
-def preflight(cfg):
+def preflight(cfg) -> tuple[str, str]:
     """Returns (task, kind) of the run: ('classification' | 'regression', 'image' | 'sequence')."""
-    meta = datasets.check(cfg)
+    meta = data.check(cfg.data)
     task, kind = meta["task"], meta["kind"]
     models.check(cfg, task, kind)
     init.check(cfg.model.init, origins=cfg._origins)
@@ -44,7 +44,6 @@ def dry_build(cfg, kind):
     after the processes started and the data was read. The real sizes come from the data later;
     parameter names do not depend on them. If a guessed size does not fit the model, the check is
     left to the real build."""
-    from lib import models, optim
     meta = optim.OPTIMIZERS.meta(cfg.optim.name)
     if not (cfg.optim.param_groups or meta["sparse"] or meta["matrices_only"]):
         return                  # nothing to check: keep --print-config fast (a meta build costs ~1 s)
@@ -57,6 +56,6 @@ def dry_build(cfg, kind):
         with torch.device("meta"):
             model = models.build_model(m, num_classes=m.num_classes or 10, in_channels=channels,
                                        image_size=size, input_shape=shape)
-    except Exception:           # noqa: BLE001  (a guessed size that does not fit: the real build decides)
+    except Exception:           # a guessed size that does not fit: the real build decides
         return
     optim.groups_for(cfg.optim, model, cfg._origins)

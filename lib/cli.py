@@ -33,26 +33,30 @@ def parse(argv, schema, description, default_config=None, extra_args=None):
     return parser.parse_args(argv)
 
 
-def run(main, *, schema=config_mod.Config, description="", default_config=None, script_defaults=None,
+def run(main, *, schema=config_mod.Config, description="", default_config=None, defaults=None,
         preflight=None, argv=None, extra_args=None, command=None):
     """Parse the command line, load the config, call main(cfg), and turn errors into exit codes.
+
+    default_config is the YAML file --config means when it is not given; defaults, a YAML file of
+    the script's own defaults, lies under whichever --config file is read.
 
     extra_args(parser) adds a script's own flags; command(args) handles them and returns an exit
     code, or None to go on with training.
     """
     args = parse(sys.argv[1:] if argv is None else argv, schema, description, default_config, extra_args)
-    code = _run(main, args, schema, script_defaults, preflight, command)
+    code = _run(main, args, schema, defaults, preflight, command)
     if "lib.runtime" in sys.modules and argv is None:    # a real process, not a call from a test
         return sys.modules["lib.runtime"].exit_now(code)
     return code
 
 
-def _run(main, args, schema, script_defaults, preflight, command):
+def _run(main, args, schema, defaults, preflight, command):
     try:
         if command is not None:
             code = command(args)
             if code is not None:
                 return code
+        script_defaults = config_mod.read_yaml(defaults) if defaults else None
         cfg = config_mod.load(schema, args.config, args.overrides, script_defaults)
         if args.eval_only:
             cfg.train.eval_only = True
@@ -73,7 +77,7 @@ def _run(main, args, schema, script_defaults, preflight, command):
     except KeyboardInterrupt:
         _shutdown(ok=False)
         return 130
-    except Exception as e:               # noqa: BLE001  a lost peer: say so in a line, not a stack trace
+    except Exception as e:               # a lost peer: say so in a line, not a stack trace
         lost = "lib.runtime" in sys.modules and sys.modules["lib.runtime"].peer_failure(e)
         if not lost:
             raise

@@ -13,7 +13,7 @@ import torch
 
 
 class EMA:
-    def __init__(self, model, decay):
+    def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
         self.updates = 0
         self.module = copy.deepcopy(model).eval().requires_grad_(False)

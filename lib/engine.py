@@ -1,11 +1,12 @@
-"""The loop around a script's training step: epochs, accumulation boundaries, logging, evaluation
-that is exact under DDP, checkpoints by steps and epochs, stop signals and non-finite losses.
+"""The loop around a training step: epochs, accumulation boundaries, logging, evaluation that is
+exact under DDP, checkpoints by steps and epochs, stop signals and non-finite losses.
 
-The step itself (forward, loss, backward, clip, optimizer) lives in each entry script. It is called
-as `step_fn(x, y, micro)` and returns a dict of per-batch *sums* on the device plus "count"; every
-reported metric is sum / count, reduced across ranks only when it is read (no host-device sync per
-step).
+The step itself (forward, loss, backward, clip, optimizer) is the caller's: lib/steps.py's for
+supervised training, gan_train.py's own for the GAN. It is called as `step_fn(x, y, micro)` and
+returns a dict of per-batch *sums* on the device plus "count" (see lib/metrics.py); every reported
+metric is sum / count, reduced across ranks only when it is read (no host-device sync per step).
 """
+import math
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -13,6 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from lib.errors import RunError
+from lib.metrics import STATS, Meter
 
 
 @dataclass
@@ -47,89 +49,19 @@ class LoopState:
         return d
 
 
+def count_updates(batches_per_epoch: int, train) -> tuple[int, int]:
+    """(optimizer updates per epoch, updates in the whole run) for the `train` config section: an
+    epoch's last accumulation group may be shorter, and train.max_steps cuts the run short. The
+    learning-rate schedule is sized by these."""
+    per_epoch = math.ceil(batches_per_epoch / train.grad_accum)
+    return per_epoch, min(train.epochs * per_epoch, train.max_steps or math.inf)
+
+
 @dataclass
 class Micro:
     update: bool            # this micro-batch ends an optimizer step
     scale: float            # 1 / number of micro-batches in this step (gradient accumulation)
     first: bool = True      # this micro-batch starts an optimizer step (its gradients start from zero)
-
-
-class Meter:
-    """Running per-key sums: one float64 vector on the device (one stack and one add per step, no
-    host sync), the sample count on the host. Values are sums / count when read. A window (the
-    steps since the last log line) is the difference to a snapshot, so it costs nothing per step."""
-
-    def __init__(self):
-        self.keys, self.sums, self.count = None, None, 0.0
-        self._mark = (None, 0.0)
-
-    def add(self, stats):
-        if self.keys is None:
-            self.keys = sorted(k for k in stats if k != "count")
-        self.count += float(stats["count"])
-        v = torch.stack([torch.as_tensor(stats[k], dtype=torch.float32) for k in self.keys])
-        self.sums = v.double() if self.sums is None else self.sums.add_(v)
-
-    def global_state(self, rt):
-        """Sums, count and window mark of all ranks added up (a collective), as plain CPU values."""
-        if self.keys is None:
-            return None
-        mark_sums, mark_count = self._mark
-        mark_sums = torch.zeros_like(self.sums) if mark_sums is None else mark_sums
-        t = torch.cat([self.sums, mark_sums, torch.tensor([self.count, mark_count], dtype=torch.float64,
-                                                             device=self.sums.device)])
-        rt.all_reduce_(t)
-        n = len(self.keys)
-        t = t.cpu()
-        return {"keys": list(self.keys), "sums": t[:n].clone(), "mark_sums": t[n:2 * n].clone(),
-                "count": float(t[2 * n]), "mark_count": float(t[2 * n + 1])}
-
-    def load_global_state(self, d, rt):
-        """Continue from global_state(): rank 0 carries the sums, the others start at zero."""
-        if not d:
-            return
-        keep = rt.rank == 0
-        self.keys = list(d["keys"])
-        self.sums = (d["sums"] if keep else torch.zeros_like(d["sums"])).to(rt.device, torch.float64)
-        self.count = d["count"] if keep else 0.0
-        self._mark = ((d["mark_sums"] if keep else torch.zeros_like(d["mark_sums"])).to(rt.device, torch.float64),
-                      d["mark_count"] if keep else 0.0)
-
-    def read(self, rt, keep_count=False, since_mark=False):
-        """Mean of each key over all samples of all ranks (a collective: every rank must call it);
-        since_mark: over the samples added since the last call with since_mark (then mark now)."""
-        if self.keys is None:
-            return {}
-        sums, count = self.sums, self.count
-        if since_mark:
-            mark_sums, mark_count = self._mark
-            self._mark = (sums.clone(), count)
-            if mark_sums is not None:
-                sums, count = sums - mark_sums, count - mark_count
-        t = torch.cat([sums, torch.tensor([count], dtype=torch.float64, device=sums.device)])
-        rt.all_reduce_(t)
-        values = dict(zip(self.keys + ["count"], t.tolist()))
-        count = values.pop("count", 0.0)
-        out = {k: v / count if count else float("nan") for k, v in values.items()}
-        return {**out, "samples": int(count)} if keep_count else out
-
-
-def classification_stats(out, y, loss, top5=False):
-    """Per-batch sums: loss, top-1 correct (and top-5 correct at evaluation), and the sample count."""
-    b = y.shape[0]
-    stats = {"loss": loss.detach() * b, "acc": (out.argmax(1) == y).sum(dtype=torch.float32), "count": b}
-    if top5 and out.shape[1] >= 5:
-        stats["top5"] = (out.topk(5, dim=1).indices == y[:, None]).any(1).sum(dtype=torch.float32)
-    return stats
-
-
-def regression_stats(out, y, loss, top5=False):
-    b = y.shape[0]
-    err = (out.detach().float() - y.float()) ** 2
-    return {"loss": loss.detach() * b, "mse": err.reshape(b, -1).mean(1).sum(), "count": b}
-
-
-STATS = {"classification": classification_stats, "regression": regression_stats}
 
 
 @torch.no_grad()
@@ -202,7 +134,7 @@ class NonFiniteGuard:
             return
         first = 2**62
         if self.pending:
-            finite = torch.isfinite(torch.stack([l for _, l in self.pending]))
+            finite = torch.isfinite(torch.stack([loss for _, loss in self.pending]))
             bad = torch.nonzero(~finite).flatten()
             if len(bad):
                 first = self.pending[int(bad[0])][0]

@@ -1,7 +1,9 @@
-"""The one exception a user can cause, and the "did you mean" helper every message uses.
+"""The two errors a run reports in a sentence instead of a traceback, and the helpers that suggest
+a valid name in such a sentence.
 
-A `UserError` is anything the user can fix (config, paths, data, launch). The entry scripts turn it
-into one paragraph on stderr and exit status 2, with no traceback (DESIGN.md section 4).
+A `UserError` is anything the user can fix (config, paths, data, launch): lib/cli.py prints it as one
+paragraph on stderr and exits with status 2. A `RunError` (the run cannot go on for a reason outside
+the config) exits with status 1. did_you_mean() and choices_text() word the valid choices.
 """
 import difflib
 

@@ -1,26 +1,28 @@
 """What gan_train.py needs besides the shared pieces: its pre-flight checks, building G and D, the
 fixed noise, sample grids, and sampling N images from a checkpoint."""
 import math
-import os
 from pathlib import Path
 
 import torch
 
-from lib import datasets
+from lib import data
 from lib.config import where
+from lib.data.transforms import norm_stats
 from lib.errors import UserError
+from lib.io import atomic_file
+from lib.seeding import seeded
 
 PLOT_GROUPS = [("losses", ["train/loss_D", "train/loss_G"]),
                ("discriminator outputs", ["train/D_x", "train/D_G_z1", "train/D_G_z2"]),
                ("lr", ["lr"])]
 
 
-def preflight(cfg):
+def preflight(cfg) -> tuple[str, str]:
     """GAN-specific checks on top of the dataset / init / optimizer checks."""
-    d, t, g = cfg.data, cfg.train, cfg.gan
-    meta = datasets.check(cfg)
+    data_cfg, train_cfg, gan_cfg = cfg.data, cfg.train, cfg.gan
+    meta = data.check(data_cfg)
     if meta["kind"] != "image":
-        raise UserError(f"data.name={d.name} gives {meta['kind']}s; gan_train.py generates images.")
+        raise UserError(f"data.name={data_cfg.name} gives {meta['kind']}s; gan_train.py generates images.")
     if cfg.model.name != "dcgan_generator":
         raise UserError(f"{where(cfg, 'model.name')} = {cfg.model.name}: gan_train.py trains the DCGAN "
                         f"(dcgan_generator + dcgan_discriminator); leave model.name unset.")
@@ -32,18 +34,18 @@ def preflight(cfg):
         raise UserError("gan_train.py does not run under DeepSpeed: ZeRO shards one model and one optimizer, "
                         "a GAN steps two in alternation; launch with torchrun or accelerate launch "
                         "(configs/accelerate/ddp.yaml) instead.")
-    if t.grad_accum != 1:
+    if train_cfg.grad_accum != 1:
         raise UserError(f"{where(cfg, 'train.grad_accum')} must be 1 for gan_train.py (D and G alternate "
                         f"every batch); use a larger data.batch_size or more processes.")
-    if t.on_nonfinite != "stop":
+    if train_cfg.on_nonfinite != "stop":
         raise UserError(f"{where(cfg, 'train.on_nonfinite')}: gan_train.py only stops on a non-finite loss.")
-    if d.normalize not in ("symmetric", "none"):
-        raise UserError(f"{where(cfg, 'data.normalize')} = {d.normalize}: the generator ends in tanh for "
+    if data_cfg.normalize not in ("symmetric", "none"):
+        raise UserError(f"{where(cfg, 'data.normalize')} = {data_cfg.normalize}: the generator ends in tanh for "
                         f"data.normalize=symmetric ([-1, 1]) or sigmoid for none ([0, 1]); pick one of those.")
-    if d.augment != "none":
+    if data_cfg.augment != "none":
         raise UserError(f"{where(cfg, 'data.augment')}: augmenting real images makes G learn the "
                         f"augmentations; set data.augment=none.")
-    size = d.image_size
+    size = data_cfg.image_size
     if size is None:
         raise UserError("data.image_size must be set for gan_train.py (e.g. 32).")
     try:
@@ -52,9 +54,9 @@ def preflight(cfg):
     except ValueError as e:
         raise UserError(f"{where(cfg, 'data.image_size')}: {e}.") from None
     for key in ("latent_dim", "g_features", "d_features", "sample_every", "grid"):
-        if getattr(g, key) < 1:
+        if getattr(gan_cfg, key) < 1:
             raise UserError(f"{where(cfg, 'gan.' + key)} must be at least 1.")
-    if g.ema is not None and not 0.0 < g.ema < 1.0:
+    if gan_cfg.ema is not None and not 0.0 < gan_cfg.ema < 1.0:
         raise UserError(f"{where(cfg, 'gan.ema')} must be between 0 and 1 (e.g. 0.999), or null.")
     if cfg.checkpoint.monitor != "none":
         raise UserError(f"{where(cfg, 'checkpoint.monitor')}: a GAN has no validation metric to pick best.pt "
@@ -65,31 +67,34 @@ def preflight(cfg):
     return "generation", "image"
 
 
-def build_models(cfg, data):
-    """G and D for the data's channels and size, initialised identically on every rank."""
+def build_models(cfg, data) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(generator, discriminator) for the data's channels and size, initialised identically on
+    every rank (from cfg.seed, by cfg.model.init), with widths and latent size from cfg.gan."""
+    from lib.init import apply_init
     from lib.models.dcgan import Discriminator, Generator
+    gan_cfg = cfg.gan
     channels, size = data.transform.dst_channels, data.transform.size[0]
     output = "tanh" if cfg.data.normalize == "symmetric" else "sigmoid"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        g = Generator(cfg.gan.latent_dim, channels, size, cfg.gan.g_features, output)
-        d = Discriminator(channels, size, cfg.gan.d_features)
-        from lib.init import apply_init
-        apply_init(g, cfg.model.init)
-        apply_init(d, cfg.model.init)
-    return g, d
+    with seeded(cfg.seed):
+        generator = Generator(gan_cfg.latent_dim, channels, size, gan_cfg.g_features, output)
+        discriminator = Discriminator(channels, size, gan_cfg.d_features)
+        apply_init(generator, cfg.model.init)
+        apply_init(discriminator, cfg.model.init)
+    return generator, discriminator
 
 
-def make_ema(cfg, g):
-    if cfg.gan.ema is None:
+def make_ema(gan_cfg, generator: torch.nn.Module):
+    """An EMA of the generator's weights with decay gan.ema, or None when gan.ema is null."""
+    if gan_cfg.ema is None:
         return None
     from lib.ema import EMA
-    return EMA(g, cfg.gan.ema)
+    return EMA(generator, gan_cfg.ema)
 
 
-def fixed_noise(cfg, device):
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    return torch.randn(cfg.gan.grid, cfg.gan.latent_dim, 1, 1, generator=gen).to(device)
+def fixed_noise(gan_cfg, seed: int, device) -> torch.Tensor:
+    """The latent vectors of every sample grid: gan.grid of them, drawn from seed + 1."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    return torch.randn(gan_cfg.grid, gan_cfg.latent_dim, 1, 1, generator=gen).to(device)
 
 
 def count(model):
@@ -113,10 +118,8 @@ def save_grid(images, path, nrow=None, pad=2):
         canvas[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = img
     array = (canvas * 255).round().byte().permute(1, 2, 0).numpy()
     image = Image.fromarray(array[:, :, 0] if c == 1 else array)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    image.save(tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as f:
+        image.save(f, format="PNG")
 
 
 class Grids:
@@ -135,14 +138,14 @@ class Grids:
         save_grid(to_unit(x[:64], self.transform), self.folder / "reals.png")
 
     @torch.no_grad()
-    def save(self, g, noise, step):
+    def save(self, generator, noise, step):
         if not self.rt.is_main:
             return
-        was = g.training
-        g.eval()
+        was = generator.training
+        generator.eval()
         with self.rt.autocast():
-            images = g(noise)
-        g.train(was)
+            images = generator(noise)
+        generator.train(was)
         save_grid(to_unit(images, self.transform), self.folder / f"step_{step:07d}.png")
 
 
@@ -163,12 +166,11 @@ def sample_from_checkpoint(n, ckpt_path, out, seed):
     channels = state[last].shape[1]
     base, layers = first.shape[2], sum(1 for k in state if k.endswith(".weight") and state[k].dim() == 4)
     size = base * 2 ** (layers - 1)
-    g = Generator(first.shape[0], channels, size, cfg.gan.g_features,
-                  "tanh" if cfg.data.normalize == "symmetric" else "sigmoid")
-    g.load_state_dict(state)
-    g.eval()
-    mean = torch.tensor((0.5,) * channels if cfg.data.normalize == "symmetric" else (0.0,) * channels).view(1, -1, 1, 1)
-    std = torch.tensor((0.5,) * channels if cfg.data.normalize == "symmetric" else (1.0,) * channels).view(1, -1, 1, 1)
+    generator = Generator(first.shape[0], channels, size, cfg.gan.g_features,
+                          "tanh" if cfg.data.normalize == "symmetric" else "sigmoid")
+    generator.load_state_dict(state)
+    generator.eval()
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in norm_stats(cfg.data.normalize, channels))
     out = Path(out) if out else Path(ckpt_path).resolve().parent.parent / "generated"
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
@@ -176,7 +178,7 @@ def sample_from_checkpoint(n, ckpt_path, out, seed):
     with torch.no_grad():
         for start in range(0, n, 256):
             z = torch.randn(min(256, n - start), first.shape[0], 1, 1, generator=gen)
-            images.append((g(z) * std + mean).clamp(0, 1))
+            images.append((generator(z) * std + mean).clamp(0, 1))
     images = torch.cat(images)
     for i, img in enumerate(images):
         save_grid(img[None], out / f"sample_{i:05d}.png", nrow=1, pad=0)

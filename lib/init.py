@@ -12,6 +12,8 @@
 
 `default` keeps PyTorch's own initialisation.
 """
+from __future__ import annotations
+
 import torch
 from torch import nn
 
@@ -49,7 +51,7 @@ def _split(spec):
     return spec.pop("name", "default"), spec.pop("bias", None), spec
 
 
-def check(init_cfg, where="model.init", origins=None):
+def check(init_cfg: dict, where: str = "model.init", origins: dict | None = None) -> None:
     """Validate the init section: scheme names, their arguments, and the per-type entries; errors
     name the file (or the command line) the section came from, when `origins` knows it."""
     source = (origins or {}).get(where)
@@ -91,7 +93,7 @@ def _policy(init_cfg, layer_type):
     return _split(top)
 
 
-def apply_init(model, init_cfg):
+def apply_init(model: nn.Module, init_cfg: dict | None) -> None:
     """Initialise every conv / linear / norm / rnn layer of `model` by its type's policy."""
     init_cfg = init_cfg or {"name": "default"}
     check(init_cfg)

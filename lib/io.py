@@ -20,21 +20,28 @@ def _temporary(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_file(path, mode="wb"):
-    """Open a temporary sibling of `path` for writing; on a clean exit flush, fsync, rename it over
-    `path` and fsync the directory; on any error remove it and re-raise."""
-    path = Path(path)
+def _replacing(path: Path):
+    """Yield a temporary sibling of `path`; on a clean exit rename it over `path` and fsync the
+    directory, on any error remove it and re-raise (the old `path` is untouched either way)."""
     tmp = _temporary(path)
     try:
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_file(path, mode="wb"):
+    """Open a temporary sibling of `path` for writing; on a clean exit flush, fsync, rename it over
+    `path` and fsync the directory; on any error remove it and re-raise."""
+    with _replacing(Path(path)) as tmp:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def write_text(path, text):
@@ -52,21 +59,14 @@ def save_torch(obj, path):
 def link(src, dst):
     """Make `dst` name the same file as `src` (a hard link, or a copy where links are not supported),
     replacing `dst` atomically."""
-    dst = Path(dst)
-    tmp = _temporary(dst)
-    tmp.unlink(missing_ok=True)
-    try:
+    with _replacing(Path(dst)) as tmp:
+        tmp.unlink(missing_ok=True)
         try:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(dst.parent)
 
 
 def fsync_dir(path):

@@ -5,7 +5,10 @@ output and targets into what the loss expects (classification: logits (B, K) + c
 regression: predictions (B, D) + targets (B, D)). A loss that cannot serve the run's task (e.g.
 triplet_margin, which compares triplets of embeddings) is refused when the config is checked.
 """
+from __future__ import annotations
+
 import re
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +16,9 @@ from torch import nn
 
 from lib.errors import UserError, choices_text
 from lib.registry import Registry, check_kwargs
+
+if TYPE_CHECKING:
+    from lib.config import LossCfg
 
 LOSSES = Registry("loss")
 
@@ -29,24 +35,32 @@ def _onehot(out, y):
     return F.one_hot(y, out.shape[1]).to(out.dtype)
 
 
+def _label_then_padding(out, y):
+    """multilabel_margin's target: each row's class, then -1 (the end of its label list) to width K."""
+    return torch.cat([y[:, None], torch.full_like(out, -1, dtype=torch.long)[:, 1:]], 1)
+
+
+def _identity(out, y):
+    return out, y
+
+
 # For each torch loss: {task: adapter(out, y) -> (input, target)}; an empty dict (with a reason) = refused.
-_IDENTITY = lambda out, y: (out, y)  # noqa: E731
 _CLASSIFY = {
-    "cross_entropy": _IDENTITY,
+    "cross_entropy": _identity,
     "nll": lambda out, y: (F.log_softmax(out, 1), y),
-    "multi_margin": _IDENTITY,
+    "multi_margin": _identity,
     "bce_with_logits": lambda out, y: (out, _onehot(out, y)),
     "bce": lambda out, y: (torch.sigmoid(out), _onehot(out, y)),
     "multilabel_soft_margin": lambda out, y: (out, _onehot(out, y)),
     "soft_margin": lambda out, y: (out, 2 * _onehot(out, y) - 1),
-    "multilabel_margin": lambda out, y: (out, torch.cat([y[:, None], torch.full_like(out, -1, dtype=torch.long)[:, 1:]], 1)),
+    "multilabel_margin": lambda out, y: (out, _label_then_padding(out, y)),
     "kl_div": lambda out, y: (F.log_softmax(out, 1), _onehot(out, y)),
     "mse": lambda out, y: (out, _onehot(out, y)),
     "l1": lambda out, y: (out, _onehot(out, y)),
     "smooth_l1": lambda out, y: (out, _onehot(out, y)),
     "huber": lambda out, y: (out, _onehot(out, y)),
 }
-_REGRESS = {name: _IDENTITY for name in ("mse", "l1", "smooth_l1", "huber", "poisson_nll")}
+_REGRESS = {name: _identity for name in ("mse", "l1", "smooth_l1", "huber", "poisson_nll")}
 _REFUSED = {
     "ctc": "it aligns unsegmented sequences (speech/handwriting) with label sequences",
     "margin_ranking": "it ranks pairs of inputs (x1, x2) and needs a pair per sample",
@@ -111,11 +125,11 @@ class RegressL2(nn.Module):
         return ((x.unsqueeze(1) - y) ** 2).sum(dim=(1, 2)).mean()
 
 
-LOSSES.add("focal", FocalLoss, tasks={"classification": _IDENTITY})
-LOSSES.add("regress_l2", RegressL2, tasks={"regression": _IDENTITY})
+LOSSES.add("focal", FocalLoss, tasks={"classification": _identity})
+LOSSES.add("regress_l2", RegressL2, tasks={"regression": _identity})
 
 
-def check(cfg, task):
+def check(cfg, task: str) -> None:
     """Pre-flight: the loss exists, takes the given options, and can serve `task`."""
     section = cfg.loss
     cls = LOSSES.get(section.name, where="loss.name")
@@ -132,7 +146,7 @@ def check(cfg, task):
                         f"that runs with different batch sizes and process counts compare; remove it.")
 
 
-def build_loss(section, task):
+def build_loss(section: LossCfg, task: str) -> AdaptedLoss:
     """A callable (model output, targets) -> scalar loss for `task`."""
     cls = LOSSES.get(section.name, where="loss.name")
     adapter = LOSSES.meta(section.name)["tasks"][task]

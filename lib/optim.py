@@ -13,8 +13,11 @@
 Schedulers step once per optimizer update; lengths are given in epochs (fractions allowed):
     sched: {name: cosine, warmup_epochs: 2}            # linear warmup, then cosine to min_factor
 """
+from __future__ import annotations
+
 import fnmatch
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -22,6 +25,9 @@ from torch import nn
 from lib.config import where as _where
 from lib.errors import UserError, choices_text
 from lib.registry import Registry, accepted_kwargs, check_kwargs
+
+if TYPE_CHECKING:
+    from lib.config import OptimCfg, SchedCfg
 
 OPTIMIZERS = Registry("optimizer")
 SCHEDULERS = Registry("scheduler")
@@ -44,7 +50,7 @@ _register_torch_optimizers()
 GROUP_KEYS = ("params", "lr", "weight_decay")
 
 
-def check(cfg):
+def check(cfg) -> None:
     """Pre-flight: optimizer and scheduler names and options, group keys, and combinations."""
     o, s, t = cfg.optim, cfg.sched, cfg.train
     cls = OPTIMIZERS.get(o.name, where="optim.name")
@@ -97,7 +103,7 @@ def _matches(name, patterns):
                for p in pats)
 
 
-def param_groups(model, o, origins=None):
+def param_groups(model: nn.Module, o: OptimCfg, origins: dict | None = None) -> list[dict]:
     """Trainable parameters split into optimizer groups by o.param_groups patterns and decay policy."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
@@ -133,7 +139,7 @@ def param_groups(model, o, origins=None):
     return groups
 
 
-def groups_for(o, model, origins=None):
+def groups_for(o: OptimCfg, model: nn.Module, origins: dict | None = None) -> list[dict]:
     """The optimizer groups of section `o` for this model, after the checks that need the model's
     parameters (also run by pre-flight on a meta-device copy, before any data is read)."""
     meta = OPTIMIZERS.meta(o.name)
@@ -158,7 +164,7 @@ def _sparse_owner(model, param_name):
     return isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse
 
 
-def build_optimizer(o, model):
+def build_optimizer(o: OptimCfg, model: nn.Module) -> torch.optim.Optimizer:
     """The optimizer of section `o` over the model's trainable parameters."""
     cls = OPTIMIZERS.get(o.name, where="optim.name")
     groups = groups_for(o, model)
@@ -176,7 +182,8 @@ def build_optimizer(o, model):
         raise UserError(f"optim.name={o.name} rejected its options: {e}") from None
 
 
-def add_param_group(optimizer, scheduler, params, lr, weight_decay=0.0):
+def add_param_group(optimizer: torch.optim.Optimizer, scheduler, params: list, lr: float,
+                    weight_decay: float = 0.0) -> dict:
     """Add a parameter group mid-run (gradual unfreezing) and teach the schedule about it."""
     group = {"params": params, "lr": lr}
     if "weight_decay" in optimizer.defaults:
@@ -200,7 +207,7 @@ def add_param_group(optimizer, scheduler, params, lr, weight_decay=0.0):
     return group
 
 
-def needs_closure(optimizer):
+def needs_closure(optimizer: torch.optim.Optimizer) -> bool:
     return isinstance(optimizer, torch.optim.LBFGS)
 
 
@@ -281,7 +288,8 @@ def onecycle(optimizer, total_steps, steps_per_epoch, warmup_steps, warmup_start
         cycle_momentum=cycle)
 
 
-def build_scheduler(s, optimizer, *, steps_per_epoch, total_steps):
+def build_scheduler(s: SchedCfg, optimizer: torch.optim.Optimizer, *, steps_per_epoch: int,
+                    total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
     """The schedule of section `s`, stepped once per optimizer update."""
     builder = SCHEDULERS.get(s.name, where="sched.name")
     warmup = round(s.warmup_epochs * steps_per_epoch)

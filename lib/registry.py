@@ -1,10 +1,11 @@
-"""One small Registry: names in, objects out (DESIGN.md house rule 3).
+"""One small Registry: names in, objects out; and the check that a config section's options are
+keyword arguments its entry accepts.
 
     MODELS = Registry("model")
-    @MODELS.register("lenet", task="classification")
+    @MODELS.register("lenet", tasks=("classification",))
     def lenet(num_classes, in_channels, image_size): ...
-    MODELS.get("lenet")            # the builder; an unknown name lists the choices
-    MODELS.meta("lenet")["task"]   # what was registered with it
+    MODELS.get("lenet")             # the builder; an unknown name lists the choices
+    MODELS.meta("lenet")["tasks"]   # what was registered with it
 
 A family of names can share one builder through a prefix: `MODELS.register_prefix("torchvision:",
 build_tv)` makes `MODELS.get("torchvision:resnet18")` return `functools.partial(build_tv, "resnet18")`.

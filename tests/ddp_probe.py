@@ -1,5 +1,6 @@
 """Run under torchrun by test_distributed.py: counts the DDP gradient all-reduces that train.py's own
-step (make_train_step) makes during gradient accumulation, and checks the ranks end with equal weights."""
+step (lib/steps.py's make_train_step) makes during gradient accumulation, and checks the ranks end with
+equal weights."""
 import sys
 from pathlib import Path
 
@@ -8,8 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook  # noqa: E402
 
-import train  # noqa: E402
-from lib import config, engine, losses, optim, runtime  # noqa: E402
+from lib import config, engine, losses, optim, runtime, steps  # noqa: E402
 
 ACCUM = 3
 cfg = config.load(config.Config, None, [f"train.grad_accum={ACCUM}", "optim.name=sgd", "optim.lr=0.1"])
@@ -28,8 +28,8 @@ def counting_hook(state, bucket):
 
 
 model.register_comm_hook(None, counting_hook)
-step = train.make_train_step(model, losses.build_loss(cfg.loss, "classification"), optimizer, scheduler, rt, cfg,
-                             "classification")
+step = steps.make_train_step(model, losses.build_loss(cfg.loss, "classification"), optimizer, scheduler, rt,
+                             cfg.train, "classification")
 g = torch.Generator().manual_seed(1 + rt.rank)         # each rank its own data
 for micro in range(2 * ACCUM):
     x, y = torch.randn(5, 4, generator=g), torch.randint(0, 2, (5,), generator=g)

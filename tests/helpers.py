@@ -58,7 +58,8 @@ def torchrun(name, *args, cwd, nproc=2, timeout=300, extra=(), **env_extra):
 
 def ok(result):
     """Assert success and return stdout (showing both streams on failure)."""
-    assert result.returncode == 0, f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-4000:]}\nSTDERR:\n{result.stderr[-4000:]}"
+    assert result.returncode == 0, \
+        f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-4000:]}\nSTDERR:\n{result.stderr[-4000:]}"
     return result.stdout
 
 
@@ -66,7 +67,7 @@ def user_error(result):
     """Assert the exit-2 contract: one message line on stderr, no traceback. Returns the message."""
     assert result.returncode == 2, f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     assert "Traceback" not in result.stderr and "Traceback" not in result.stdout, result.stderr
-    lines = [l for l in result.stderr.strip().splitlines() if l.strip() and "Warning" not in l]
+    lines = [s for s in result.stderr.strip().splitlines() if s.strip() and "Warning" not in s]
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: "), lines[0]
     return lines[0]
@@ -74,7 +75,7 @@ def user_error(result):
 
 def final_metrics(stdout):
     """The numbers of the 'done:' summary line."""
-    line = [l for l in stdout.splitlines() if l.startswith("done:")][-1]
+    line = [s for s in stdout.splitlines() if s.startswith("done:")][-1]
     return {k: float(v) for k, v in re.findall(r"([\w/]+) (-?[\d.]+(?:e-?\d+)?)", line.split(" in ")[0])}
 
 
@@ -89,8 +90,8 @@ def state_dict(path):
 
 def digit_images(n, size=28, channels=1, seed=0):
     """(n, channels, size, size) uint8 images of handwritten digits and their labels (n,)."""
-    from lib.datasets import _sklearn_digits
-    table = _sklearn_digits()
+    from lib.data.sources import sklearn_digits
+    table = sklearn_digits()
     rng = np.random.default_rng(seed)
     idx = rng.permutation(len(table))[:n] if n <= len(table) else rng.integers(0, len(table), n)
     img = (table[idx, :64] * (255.0 / 16.0)).reshape(-1, 8, 8)
@@ -183,7 +184,7 @@ def write_image_folder(root, n=100, size=16, split=True):
 
 
 def read_jsonl(path):
-    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+    return [json.loads(s) for s in Path(path).read_text().splitlines() if s.strip()]
 
 
 def in_process(script_name, args, cwd):

@@ -105,7 +105,7 @@ def test_slurm_template_sigusr1_checkpoints_requeues_and_resumes(tmp_path):
     calls = log.read_text()
     assert "scontrol show hostnames node[1-2]" in calls
     for node in (0, 1):
-        line = next(l for l in calls.splitlines() if l.startswith(f"node {node}:"))
+        line = next(s for s in calls.splitlines() if s.startswith(f"node {node}:"))
         for part in ("-m torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
                      f"--rdzv_endpoint=127.0.0.1:{15000 + int(job) % 5000}", "SIGUSR1",
                      "train.py --config configs/default.yaml"):
@@ -248,9 +248,11 @@ def test_deepspeed_through_the_shipped_accelerate_config_fine_tunes(tmp_path):
     2-process ZeRO-2 job (from any directory); the frozen backbone stays bit-identical."""
     ok(script("train.py", *SAME, "data.classes=[0, 1, 2, 3, 4]", "name=source", cwd=tmp_path))
     source = state_dict(tmp_path / "runs/source/checkpoints/last.pt")["model"]
-    cmd = [PY, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/deepspeed_zero2.yaml"),
+    cmd = [PY, "-m", "accelerate.commands.launch",
+           "--config_file", str(REPO / "configs/accelerate/deepspeed_zero2.yaml"),
            "--num_processes", "2", str(REPO / "finetune.py"), "model.name=mlp", "model.hidden=[64]",
-           "data.classes=[5, 6, 7, 8, 9]", "finetune.weights=runs/source/checkpoints/last.pt", "finetune.freeze=backbone",
+           "data.classes=[5, 6, 7, 8, 9]", "finetune.weights=runs/source/checkpoints/last.pt",
+           "finetune.freeze=backbone",
            "data.batch_size=32", "optim.lr=0.01", "train.epochs=2", "log.plots=false"]
     out = ok(helpers.run(cmd, tmp_path, timeout=400))
     assert "DeepSpeed ZeRO-2, 2 process(es)" in out and "launcher accelerate launch" in out

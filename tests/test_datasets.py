@@ -9,7 +9,7 @@ import torch
 
 import helpers
 from lib import config
-from lib.datasets import DATASETS, build_data, read_idx, shard_indices
+from lib.data import DATASETS, build_data, read_idx, shard_indices
 from lib.errors import UserError
 
 
@@ -215,13 +215,14 @@ def test_class_subset_relabels(tmp_path):
     assert torch.equal(data.spec.train.x, full.spec.train.x[keep])
     swapped = build_data(data_cfg(tmp_path, "data.classes=[9, 3]"))   # relabelled in the order given
     assert swapped.spec.classes == ["9", "3"]
-    assert torch.equal(swapped.spec.train.y, (full.spec.train.y[(full.spec.train.y == 9) | (full.spec.train.y == 3)] == 3).long())
+    y = full.spec.train.y
+    assert torch.equal(swapped.spec.train.y, (y[(y == 9) | (y == 3)] == 3).long())
 
 
 def test_decode_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
-    from lib import datasets
-    decodes, read = [], datasets.read_pixel_csv
-    monkeypatch.setattr(datasets, "read_pixel_csv", lambda p: decodes.append(p) or read(p))   # counts decodes
+    from lib.data import sources
+    decodes, read = [], sources.read_pixel_csv
+    monkeypatch.setattr(sources, "read_pixel_csv", lambda p: decodes.append(p) or read(p))   # counts decodes
     path = helpers.write_pixel_csv(tmp_path / "train.csv", n=100)
     args = ["data.name=csv", f"data.csv={path}"]
     first = build_data(data_cfg(tmp_path, *args))
@@ -245,9 +246,9 @@ def test_train_and_val_csvs_keep_their_own_caches(tmp_path, monkeypatch):
     args = ["data.name=csv", f"data.csv={train}", f"data.val_csv={val}"]
     first = build_data(data_cfg(tmp_path, *args))
     assert sorted(p.name.split("-")[1] for p in (tmp_path / ".cache").glob("csv-*.pt")) == ["train", "val"]
-    from lib import datasets
+    from lib.data import sources
     calls = []
-    monkeypatch.setattr(datasets, "read_pixel_csv", lambda p: calls.append(p))   # a decode would fail now
+    monkeypatch.setattr(sources, "read_pixel_csv", lambda p: calls.append(p))   # a decode would fail now
     again = build_data(data_cfg(tmp_path, *args))
     assert calls == [] and torch.equal(again.spec.val.x, first.spec.val.x) and len(again.spec.train) == 60
 

@@ -7,6 +7,7 @@ import torch
 import helpers
 from helpers import ok, script, state_dict, torchrun
 from lib import config, runtime
+from lib.runtime import launch
 from lib.errors import UserError
 
 SAME = ["model.name=mlp", "model.hidden=[64]", "data.shuffle=false", "train.epochs=2", "sched.name=cosine",
@@ -63,14 +64,14 @@ def test_gpu_selection_before_cuda_and_per_node_limit(monkeypatch):
     cfg = config.load(config.Config, None, ["dist.gpus=1"])
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
     notes = runtime.prepare_env(cfg)
-    assert runtime.os.environ["CUDA_VISIBLE_DEVICES"] == "5" and "selects CUDA_VISIBLE_DEVICES=5" in notes[0]
+    assert launch.os.environ["CUDA_VISIBLE_DEVICES"] == "5" and "selects CUDA_VISIBLE_DEVICES=5" in notes[0]
     cfg = config.load(config.Config, None, ["dist.gpus=0,3"])
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
     with pytest.raises(UserError, match="asks for GPU 3 but only 2 are visible"):
         runtime.prepare_env(cfg)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     runtime.prepare_env(config.load(config.Config, None, ["dist.gpus=2,3"]))
-    assert runtime.os.environ["CUDA_VISIBLE_DEVICES"] == "2,3"
+    assert launch.os.environ["CUDA_VISIBLE_DEVICES"] == "2,3"
     # more processes on a node than visible GPUs: a clear error before any CUDA call
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -96,7 +97,7 @@ def test_launch_variables_are_checked(monkeypatch):
 def test_slurm_gpu_binding_per_task_and_precedence(monkeypatch):
     """srun python with --gpus-per-task=1: SLURM shows each task one GPU (its cuda:0); dist.gpus and a
     user's CUDA_VISIBLE_DEVICES still come first and are logged with their source."""
-    for k in [*runtime.LAUNCH_VARS, "CUDA_VISIBLE_DEVICES"] + [k for k in runtime.os.environ if k.startswith("SLURM_")]:
+    for k in [*runtime.LAUNCH_VARS, "CUDA_VISIBLE_DEVICES"] + [k for k in launch.os.environ if k.startswith("SLURM_")]:
         monkeypatch.setenv(k, "x")              # recorded, so that what prepare_env sets is undone after
         monkeypatch.delenv(k)
     slurm = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2",
@@ -105,7 +106,7 @@ def test_slurm_gpu_binding_per_task_and_precedence(monkeypatch):
     for k, v in slurm.items():
         monkeypatch.setenv(k, v)
     notes = runtime.prepare_env(config.load(config.Config, None, []))
-    e = runtime.os.environ
+    e = launch.os.environ
     assert (e["RANK"], e["WORLD_SIZE"], e["MASTER_ADDR"]) == ("3", "4", "gpu07")
     assert (e["LOCAL_RANK"], e["LOCAL_WORLD_SIZE"]) == ("0", "1")          # its one GPU is its cuda:0
     assert "CUDA_VISIBLE_DEVICES=6 (set by SLURM)" in notes[0] and "SLURM bound GPU 6" in notes[-1]

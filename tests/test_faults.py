@@ -23,7 +23,8 @@ TRAIN = ["model.name=mlp", "model.hidden=[64]", "model.dropout=0.2", "model.init
 GAN = ["--config", REPO / "configs/dcgan_digits.yaml", "gan.g_features=8", "gan.d_features=8", "gan.latent_dim=16",
        "data.batch_size=64", "gan.sample_every=100", "gan.grid=16", "gan.ema=0.9", "train.log_every=1",
        "train.epochs=1", "checkpoint.every_steps=4", "name=run", *QUIET]
-FINETUNE = ["model.name=mlp", "model.hidden=[64]", "model.dropout=0.2", "data.classes=[5, 6, 7, 8, 9]", "finetune.freeze=backbone",
+FINETUNE = ["model.name=mlp", "model.hidden=[64]", "model.dropout=0.2", "data.classes=[5, 6, 7, 8, 9]",
+            "finetune.freeze=backbone",
             "finetune.weights={source}", "data.batch_size=32", "train.epochs=2", "train.log_every=1",
             "checkpoint.every_steps=4", "name=run", *QUIET]
 CASES = {"train.py": TRAIN, "gan_train.py": GAN, "finetune.py": FINETUNE}
@@ -130,7 +131,8 @@ def test_damaged_or_uncommitted_newest_checkpoint_falls_back_with_a_warning(trai
     newest.write_bytes(data)
     (ckpts / "step_99999999.pt").write_bytes(b"half a checkpoint")   # a save cut short: no .sha256
     out = ok(script("train.py", *TRAIN, cwd=cwd))
-    assert f"warning: skipping damaged checkpoint: {newest.relative_to(cwd)} is damaged (its SHA-256 does not match" in out
+    name = newest.relative_to(cwd)
+    assert f"warning: skipping damaged checkpoint: {name} is damaged (its SHA-256 does not match" in out
     assert "step_99999999.pt was never committed" in out
     assert f"resumed from {older.relative_to(cwd)}" in out
 
@@ -161,10 +163,10 @@ def test_atomic_writes_keep_the_old_file_when_a_write_fails(tmp_path, monkeypatc
     """A checkpoint or text file being replaced survives a write that fails half-way (a full disk
     while torch.save writes, an I/O error at fsync): the old bytes stay, no temporary file is left."""
     import errno
-    from lib import checkpoint
+    from lib import checkpoint, io
     ckpt, text = tmp_path / "last.pt", tmp_path / "config.yaml"
     checkpoint.atomic_save({"step": 1, "w": torch.ones(4)}, ckpt, commit=True)
-    checkpoint.atomic_write_text(text, "old: 1\n")
+    io.write_text(text, "old: 1\n")
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     real_save = torch.save
 
@@ -185,7 +187,7 @@ def test_atomic_writes_keep_the_old_file_when_a_write_fails(tmp_path, monkeypatc
     with pytest.raises(OSError):
         checkpoint.atomic_save({"step": 3, "w": torch.zeros(1000)}, ckpt, commit=True)
     with pytest.raises(OSError):
-        checkpoint.atomic_write_text(text, "new: 2\n")
+        io.write_text(text, "new: 2\n")
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     assert checkpoint.load(ckpt)["step"] == 1 and text.read_text() == "old: 1\n"
@@ -228,9 +230,10 @@ def test_nonfinite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp
 
 def test_one_failing_rank_ends_the_job_with_its_own_error(tmp_path):
     root = helpers.write_image_folder(tmp_path / "imgs", n=96, size=8, split=False)
-    from lib import config, datasets
+    from lib import config
+    from lib.data import DATASETS
     cfg = config.load(config.Config, None, ["data.name=image_folder", f"data.images={root}", "data.image_size=8"])
-    spec = datasets.DATASETS.get("image_folder")(cfg.data, None)
+    spec = DATASETS.get("image_folder")(cfg.data, None)
     victim = Path(spec.train.files[9])                       # odd index: rank 1 of 2 reads it (no shuffle)
     victim.write_bytes(b"not a png")
     t = time.perf_counter()
@@ -303,7 +306,7 @@ BAD_CONFIGS = [
 @pytest.mark.parametrize("override", BAD_CONFIGS)
 def test_fuzz_bad_configs(tmp_path, override):
     code, out, err = helpers.in_process("train.py", [override, *QUIET], tmp_path)
-    lines = [l for l in err.strip().splitlines() if l.strip()]
+    lines = [s for s in err.strip().splitlines() if s.strip()]
     assert code == 2, (override, out[-500:], err[-1500:])
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err + out, err
     assert list(tmp_path.iterdir()) == [], "something was written"
@@ -312,8 +315,9 @@ def test_fuzz_bad_configs(tmp_path, override):
 BAD_YAML = {
     "syntax": "optim: {lr: [1, 2\n", "list": "- a\n- b\n", "scalar": "just text\n",
     "python_tag": "!!python/object/apply:os.system ['touch PWNED']\n", "section_not_mapping": "optim: 5\n",
-    "float_epochs": "train: {epochs: 1.5}\n", "tab_indent": "optim:\n\tlr: 0.1\n", "null_batch": "data: {batch_size: }\n",
-    "unknown_section": "optimiser: {lr: 0.1}\n", "binary": "\x00\x01\xff\xfe", "nested_typo": "model: {init: {nme: x}}\n",
+    "float_epochs": "train: {epochs: 1.5}\n", "tab_indent": "optim:\n\tlr: 0.1\n",
+    "null_batch": "data: {batch_size: }\n", "unknown_section": "optimiser: {lr: 0.1}\n", "binary": "\x00\x01\xff\xfe",
+    "nested_typo": "model: {init: {nme: x}}\n",
 }
 
 
@@ -325,7 +329,7 @@ def test_fuzz_bad_config_files(tmp_path, name):
     if name != "missing_file":
         path.write_bytes(BAD_YAML[name].encode("latin-1"))
     code, out, err = helpers.in_process("train.py", ["--config", path, *QUIET], tmp_path / "cwd")
-    lines = [l for l in err.strip().splitlines() if l.strip()]
+    lines = [s for s in err.strip().splitlines() if s.strip()]
     assert code == 2, (name, out[-500:], err[-1500:])
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err + out, err
     assert str(path) in lines[0] or name in ("float_epochs", "null_batch"), lines[0]   # names the file
@@ -349,7 +353,8 @@ def _bad_data_files(root):
     }.items():
         (root / name).write_text(text + "\n")
         cases.append((name, ["data.name=csv", f"data.csv={root / name}"]))
-    for i, (stem, mutate) in enumerate([("trunc", lambda b: b[:-50]), ("magic", lambda b: b"\x00\x00\x09\x03" + b[4:])]):
+    damage = [("trunc", lambda b: b[:-50]), ("magic", lambda b: b"\x00\x00\x09\x03" + b[4:])]
+    for i, (stem, mutate) in enumerate(damage):
         d = root / f"mnist_{stem}"
         helpers.write_mnist_like(d, "MNIST", n_train=20, n_val=10, gz=False)
         f = d / "MNIST" / "raw" / "train-images-idx3-ubyte"
@@ -395,7 +400,7 @@ def test_fuzz_bad_data_files(tmp_path):
         cwd = tmp_path / f"cwd_{name}"
         cwd.mkdir()
         code, out, err = helpers.in_process("train.py", [*args, *QUIET], cwd)
-        lines = [l for l in err.strip().splitlines() if l.strip()]
+        lines = [s for s in err.strip().splitlines() if s.strip()]
         assert code == 2, (name, out[-500:], err[-1500:])
         assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err + out, (name, err)
         assert list(cwd.iterdir()) == [], f"{name}: something was written"

@@ -32,7 +32,8 @@ def _check_run(run, steps):
                  "metrics.csv", "metrics.jsonl", "config.yaml", "env.json", "checkpoints/last.pt"):
         assert (run / name).is_file(), name
     rows = helpers.read_jsonl(run / "metrics.jsonl")
-    assert rows and {"train/loss_D", "train/loss_G", "train/D_x", "train/D_G_z1", "train/D_G_z2", "images_per_s"} <= set(rows[-1])
+    logged = {"train/loss_D", "train/loss_G", "train/D_x", "train/D_G_z1", "train/D_G_z2", "images_per_s"}
+    assert rows and logged <= set(rows[-1])
     header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"train/loss_D", "train/loss_G", "train/D_x", "train/D_G_z1", "train/D_G_z2"} <= set(header)
     ckpt = state_dict(run / "checkpoints/last.pt")
@@ -109,6 +110,8 @@ def test_ema_follows_its_recurrence(tmp_path):
             assert torch.allclose(now["ema"][name], expected, atol=1e-6), (k, name)
             assert not torch.equal(now["ema"][name], now["generator"][name])   # an average, not a copy
             assert not torch.equal(now["ema"][name], before[name])              # it moved
+        buffers = [n for n, _ in Generator(16, 1, 32, 8).named_buffers()]      # batch-norm statistics
+        assert buffers and all(torch.equal(now["ema"][n], now["generator"][n]) for n in buffers)   # copied
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +138,8 @@ def test_mixed_precision_fp16_and_accelerate_launch_bf16(tiny_run, two_process_r
     fp32 = state_dict(tiny_run[0] / "runs/dcgan_digits/checkpoints/last.pt")
     assert 1e-5 < _moved(ckpt, fp32) < 0.05, _moved(ckpt, fp32)
     cmd = [helpers.PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-           "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(helpers.REPO / "gan_train.py"), *map(str, TINY),
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(helpers.REPO / "gan_train.py"),
+           *map(str, TINY),
            "train.precision=bf16", "name=bf16"]
     out = ok(helpers.run(cmd, tmp_path))
     assert "DDP, 2 process(es)" in out and "launcher accelerate launch" in out and "precision bf16" in out

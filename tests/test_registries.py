@@ -7,13 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from layers import CenteredLayer, Conv2D, DenseDict, DenseList, corr2d, pool2d
 from lib import config, losses, optim
 from lib.errors import UserError
 from lib.init import INITS, apply_init
-from lib.layers import CenteredLayer, Conv2D, DenseDict, DenseList, corr2d, pool2d
 from lib.losses import LOSSES, build_loss
-from lib.models import MODELS, build_model, load_weights
+from lib.models import MODELS, build_model
 from lib.models.tv import torchvision_names
+from lib.models.weights import load_weights
 from lib.optim import OPTIMIZERS, SCHEDULERS, build_optimizer, build_scheduler
 from lib.registry import Registry
 
@@ -117,7 +118,7 @@ def test_torchvision_names_and_cifar_stem():
 
 
 def test_heads_are_found_and_replaced_linear_or_convolutional():
-    from lib.models import head_name, replace_head
+    from lib.models.heads import head_name, replace_head
     sq = build_model(section(config.ModelCfg, name="torchvision:squeezenet1_1"), num_classes=5, in_channels=1,
                      image_size=64)
     assert head_name(sq) == "classifier.1"                    # SqueezeNet classifies with a 1x1 conv
@@ -508,13 +509,13 @@ def test_every_scheduler(name):
     lrs, opt, sched = _lrs(name, warmup=1.0 if name != "onecycle" else 0.0)
     plain, _, _ = _lrs(name)
     expect = {
-        "none": lambda l: l[10:] == [1.0] * 90,
-        "step": lambda l: l[15] == 1.0,                       # step_size 30 epochs > 10 epochs here
-        "multistep": lambda l: l[50] == 1.0,
-        "exponential": lambda l: abs(l[50] - 0.95 ** 5) < 1e-9,
-        "cosine": lambda l: abs(l[55] - 0.5) < 0.02 and l[-1] < 0.01,   # cosine over the 90 steps after warmup
-        "linear": lambda l: abs(l[55] - 0.5) < 0.02,
-        "onecycle": lambda l: abs(max(l) - 1.0) < 1e-6 and l[0] < 0.05 and l[-1] < 1e-3,
+        "none": lambda lr: lr[10:] == [1.0] * 90,
+        "step": lambda lr: lr[15] == 1.0,                       # step_size 30 epochs > 10 epochs here
+        "multistep": lambda lr: lr[50] == 1.0,
+        "exponential": lambda lr: abs(lr[50] - 0.95 ** 5) < 1e-9,
+        "cosine": lambda lr: abs(lr[55] - 0.5) < 0.02 and lr[-1] < 0.01,   # cosine over the 90 steps after warmup
+        "linear": lambda lr: abs(lr[55] - 0.5) < 0.02,
+        "onecycle": lambda lr: abs(max(lr) - 1.0) < 1e-6 and lr[0] < 0.05 and lr[-1] < 1e-3,
     }[name]
     assert expect(lrs), lrs[::10]
     if name != "onecycle":                                   # linear warmup over the first epoch

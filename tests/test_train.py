@@ -52,7 +52,8 @@ def test_default_run_leaves_the_documented_run_directory(default_run):
     assert ckpt["config"] == yaml.safe_load((run / "config.yaml").read_text())
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
     best = state_dict(run / "checkpoints" / "best.pt")
-    assert best["best"] == pytest.approx(max(float(r.split(",")[rows[0].split(",").index("val/acc")]) for r in rows[1:]), abs=1e-6)
+    column = rows[0].split(",").index("val/acc")
+    assert best["best"] == pytest.approx(max(float(r.split(",")[column]) for r in rows[1:]), abs=1e-6)
 
 
 def test_a_different_config_is_refused_then_kept_aside_with_force(tmp_path):
@@ -236,14 +237,15 @@ def test_compiled_and_ddp_wrapped_models_save_plain_keys(tmp_path):
     plain = models.build_model(cfg.model, num_classes=10, in_channels=1, image_size=28, input_shape=(1, 28, 28))
     assert ckpt["world_size"] == 2 and list(ckpt["model"]) == list(plain.state_dict())
     plain.load_state_dict(ckpt["model"])
-    evaluated = json.loads(ok(script("train.py", *args, "--eval-only", cwd=tmp_path)).split("eval: ")[1].splitlines()[0])
+    out = ok(script("train.py", *args, "--eval-only", cwd=tmp_path))
+    evaluated = json.loads(out.split("eval: ")[1].splitlines()[0])
     assert evaluated["val/acc"] == ckpt["metrics"]["val/acc"]
     rt = runtime.setup(config.load(config.Config, None, []))
     try:                                            # the unwrapping itself, on a compiled module
         raw = torch.nn.Sequential(torch.nn.Linear(4, 3))
         wrapped, _ = rt.prepare(raw, compile=True)
         assert wrapped is not raw and hasattr(wrapped, "_orig_mod") and rt.unwrap(wrapped) is raw
-        from lib.models import state_dict_of
+        from lib.models.weights import state_dict_of
         assert list(state_dict_of({"model": {"module._orig_mod.0.weight": torch.zeros(1)}})) == ["0.weight"]
     finally:
         rt.shutdown()

@@ -1,22 +1,46 @@
-"""MODELS registry and build_model(). Entries live in classic.py, resnet.py, lstm.py, tv.py and dcgan.py.
+"""The MODELS registry (every model a config can name, with the tasks it serves and the inputs it
+takes), the pre-flight check of the model section, and build_model().
 
 A builder takes what it needs of (num_classes, in_channels, image_size, input_shape) plus its own
-keyword arguments from the model section (`model: {name: mlp, hidden: [256, 128]}`).
+keyword arguments from the model section (`model: {name: mlp, hidden: [256, 128]}`). The networks
+live in classic.py, resnet.py, lstm.py, dcgan.py and tv.py; heads.py finds and replaces a model's
+classifier; weights.py loads weights from outside the run.
 """
+from __future__ import annotations
+
 import inspect
+from typing import TYPE_CHECKING
+
+import torch
 
 from lib.errors import UserError
+from lib.init import apply_init
+from lib.models import classic, dcgan, lstm, resnet, tv
+from lib.models.heads import replace_head
 from lib.registry import Registry, check_kwargs
+from lib.seeding import seeded
+
+if TYPE_CHECKING:
+    from lib.config import ModelCfg
 
 MODELS = Registry("model")
-
-from lib.models import classic, dcgan, lstm, resnet, tv  # noqa: E402,F401  (they register themselves)
+MODELS.add("mlp", classic.mlp, tasks=("classification", "regression"), input="any")
+MODELS.add("lenet", classic.LeNet)
+MODELS.add("alexnet", classic.AlexNet)
+MODELS.add("fashion_cnn", classic.FashionCNN)
+MODELS.add("convnet", classic.ConvNet)
+MODELS.add("resnet", resnet.ResNet)
+MODELS.add("lstm", lstm.LSTMRegressor, tasks=("regression", "classification"), input="sequence")
+MODELS.add("dcgan_generator", dcgan.Generator, tasks=("generation",))
+MODELS.add("dcgan_discriminator", dcgan.Discriminator, tasks=("generation",))
+MODELS.register_prefix("torchvision:", tv.build_torchvision, names_fn=tv.torchvision_names)
 
 BUILT_IN_ARGS = ("num_classes", "in_channels", "image_size", "input_shape")
 
 
-def check(cfg, task=None, kind=None):
-    """Pre-flight: the model name exists, its options are accepted, it can serve the data's task."""
+def check(cfg, task=None, kind=None) -> dict:
+    """Pre-flight: the model name exists, its options are accepted, it can serve the data's task.
+    Returns what the model was registered with (tasks, input)."""
     m = cfg.model
     builder = MODELS.get(m.name, where="model.name")
     meta = MODELS.meta(m.name)
@@ -36,61 +60,24 @@ def check(cfg, task=None, kind=None):
     return meta
 
 
-def build_model(m, *, num_classes, in_channels, image_size=None, input_shape=None, seed=0):
+def build_model(m: ModelCfg, *, num_classes: int, in_channels: int, image_size: int | None = None,
+                input_shape: tuple | None = None, seed: int = 0) -> torch.nn.Module:
     """The model of section `m`, initialised identically on every rank from `seed`."""
-    import torch
     builder = MODELS.get(m.name, where="model.name")
     given = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size,
              "input_shape": input_shape}
     params = inspect.signature(builder).parameters
     kwargs = {k: v for k, v in given.items() if k in params}
     kwargs.update(m.extra)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         try:
             model = builder(**kwargs)
         except (ValueError, TypeError, RuntimeError) as e:
             raise UserError(f"model {m.name} could not be built with {_show(kwargs)}: {e}") from None
         if m.head:
             replace_head(model, num_classes, hidden=m.head)
-        from lib.init import apply_init
         apply_init(model, m.init)
     return model
-
-
-def head_name(model):
-    """The model's classifier: its last nn.Linear (fc, classifier.6, heads.head, ...), or for the
-    all-convolutional classifiers (SqueezeNet) the last 1x1 convolution."""
-    import torch
-    names = [n for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)]
-    if not names:
-        names = [n for n, mod in model.named_modules() if isinstance(mod, torch.nn.Conv2d) and mod.kernel_size == (1, 1)]
-    if not names:
-        raise UserError(f"{type(model).__name__} has no linear layer (or final 1x1 convolution) to use as its head.")
-    return names[-1]
-
-
-def replace_head(model, num_classes, hidden=()):
-    """Swap the last linear layer for Linear(in, K), or an MLP in -> hidden... (ReLU) -> K; a 1x1
-    convolutional classifier becomes a new Conv2d(in, K, 1)."""
-    import torch
-    name = head_name(model)
-    old = model.get_submodule(name)
-    if isinstance(old, torch.nn.Conv2d):
-        if hidden:
-            raise UserError(f"{type(model).__name__} classifies with a 1x1 convolution ({name}); an MLP head "
-                            f"needs a linear classifier, so use finetune.head=replace.")
-        new = torch.nn.Conv2d(old.in_channels, num_classes, 1)
-    else:
-        layers, width = [], old.in_features
-        for h in hidden:
-            layers += [torch.nn.Linear(width, h), torch.nn.ReLU()]
-            width = h
-        layers.append(torch.nn.Linear(width, num_classes))
-        new = layers[0] if len(layers) == 1 else torch.nn.Sequential(*layers)
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-    return name
 
 
 def _show(kwargs):
@@ -99,7 +86,6 @@ def _show(kwargs):
 
 def probe(model, shape, where):
     """Run one dummy forward so a size mismatch is a clear error now, not a stack trace later."""
-    import torch
     try:
         with torch.no_grad():
             was = model.training
@@ -110,38 +96,3 @@ def probe(model, shape, where):
         raise UserError(f"{where}: the model cannot take inputs of shape {tuple(shape)} ({str(e).splitlines()[0]}); "
                         f"change data.image_size or the model.") from None
     return out
-
-
-def load_weights(model, path, where="model.weights"):
-    """Load a state dict (.pt/.pth) or a checkpoint of this package into `model`, strictly."""
-    from lib import checkpoint
-    state = state_dict_of(checkpoint.load_user_file(path, where))
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise UserError(f"{where}={path} does not fit model {type(model).__name__}: missing "
-                        f"{_few(result.missing_keys)}, unexpected {_few(result.unexpected_keys)}; "
-                        f"check model.name and its options.")
-    return model
-
-
-def state_dict_of(ckpt):
-    """The model weights inside a checkpoint / state dict, without DDP or compile prefixes."""
-    import torch
-    for key in ("model", "state_dict", "model_state_dict"):
-        if isinstance(ckpt.get(key), dict):
-            ckpt = ckpt[key]
-            break
-    out = {}
-    for k, v in ckpt.items():
-        if not torch.is_tensor(v):
-            continue
-        for prefix in ("module.", "_orig_mod."):
-            while k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v
-    return out
-
-
-def _few(keys):
-    keys = list(keys)
-    return "none" if not keys else ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")

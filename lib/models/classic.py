@@ -1,12 +1,10 @@
 """The small classic networks: mlp, lenet (d2l), alexnet (d2l, 1 channel), fashion_cnn, convnet.
 
-Every one adapts its first fully connected layer to the input size (found by a dummy forward),
-so lenet runs on 32x32 CIFAR as well as on 28x28 FashionMNIST.
+The convolutional ones size their first fully connected layer by a dummy forward of the input size,
+so lenet runs on 32x32 CIFAR as well as on 28x28 FashionMNIST; mlp multiplies out input_shape.
 """
 import torch
 from torch import nn
-
-from lib.models import MODELS
 
 
 def _flat_size(features, in_channels, image_size):
@@ -14,7 +12,6 @@ def _flat_size(features, in_channels, image_size):
         return features(torch.zeros(1, in_channels, image_size, image_size)).flatten(1).shape[1]
 
 
-@MODELS.register("mlp", tasks=("classification", "regression"), input="any")
 def mlp(num_classes, input_shape, hidden=(256,), dropout=0.0, activation="relu"):
     """Flatten -> [Linear -> act -> Dropout] x len(hidden) -> Linear."""
     acts = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
@@ -46,8 +43,6 @@ class LeNet(nn.Module):
         return self.classifier(self.features(x))   # (B, num_classes)
 
 
-MODELS.add("lenet", LeNet)
-
 
 class AlexNet(nn.Module):
     """AlexNet as in d2l.ai ch. 8.1: one input channel, 224x224 inputs, 10 classes."""
@@ -70,8 +65,6 @@ class AlexNet(nn.Module):
         return self.classifier(self.features(x))
 
 
-MODELS.add("alexnet", AlexNet)
-
 
 class FashionCNN(nn.Module):
     """The popular Kaggle FashionMNIST CNN: [conv32 -> BN -> ReLU -> pool] -> [conv64 -> BN -> ReLU -> pool]
@@ -91,8 +84,6 @@ class FashionCNN(nn.Module):
         return self.classifier(self.features(x))    # (B, num_classes)
 
 
-MODELS.add("fashion_cnn", FashionCNN)
-
 
 class ConvNet(nn.Module):
     """conv64 -> conv128 -> max-pool -> fc1024 -> fc (optionally with batch norm)."""
@@ -111,6 +102,3 @@ class ConvNet(nn.Module):
 
     def forward(self, x):
         return self.classifier(self.features(x))
-
-
-MODELS.add("convnet", ConvNet)

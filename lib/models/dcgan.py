@@ -6,8 +6,6 @@ Any image side that is a base of 3..7 doubled n times works: 28 = 7 x 2^2, 32 = 
 """
 from torch import nn
 
-from lib.models import MODELS
-
 
 def layout(image_size):
     """(base, doublings) with base * 2**doublings == image_size and 3 <= base <= 7."""
@@ -53,7 +51,3 @@ class Discriminator(nn.Module):
 
     def forward(self, x):                  # x: (B, channels, image_size, image_size)
         return self.net(x).flatten()       # (B,) logits
-
-
-MODELS.add("dcgan_generator", Generator, tasks=("generation",))
-MODELS.add("dcgan_discriminator", Discriminator, tasks=("generation",))

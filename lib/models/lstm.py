@@ -1,8 +1,6 @@
 """An LSTM sequence model: (B, T, F) -> LSTM -> last step -> Linear -> (B, outputs)."""
 from torch import nn
 
-from lib.models import MODELS
-
 
 class LSTMRegressor(nn.Module):
     def __init__(self, num_classes=1, input_shape=(32, 1), hidden_size=64, num_layers=1, dropout=0.0,
@@ -15,6 +13,3 @@ class LSTMRegressor(nn.Module):
     def forward(self, x):                  # x: (B, T, F)
         out, _ = self.lstm(x)              # (B, T, H)
         return self.head(out[:, -1])       # (B, outputs)
-
-
-MODELS.add("lstm", LSTMRegressor, tasks=("regression", "classification"), input="sequence")

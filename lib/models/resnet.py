@@ -5,8 +5,6 @@ stem "cifar" (3x3 conv, no max-pool) suits 28-32 px images; "imagenet" is the 7x
 """
 from torch import nn
 
-from lib.models import MODELS
-
 
 class BasicBlock(nn.Module):
     expansion = 1
@@ -59,6 +57,3 @@ class ResNet(nn.Module):
         for i in range(self.num_stages):
             x = getattr(self, f"layer{i + 1}")(x)
         return self.fc(self.avgpool(x).flatten(1))            # (B, num_classes)
-
-
-MODELS.add("resnet", ResNet)

@@ -8,8 +8,6 @@ import functools
 
 from torch import nn
 
-from lib.models import MODELS
-
 
 @functools.lru_cache(maxsize=1)
 def torchvision_names():
@@ -32,7 +30,8 @@ def build_torchvision(name, num_classes, in_channels=3, cifar_stem=False, **kwar
 
 
 def replace_first_conv(model, in_channels, keep_weights=True):
-    """Rebuild the first Conv2d for `in_channels`; pretrained RGB filters are averaged (or tiled)."""
+    """Rebuild the first Conv2d for `in_channels`; with keep_weights its filters are the old ones averaged
+    over their input channels, tiled and scaled by 3 / in_channels."""
     import torch
     for parent in model.modules():
         for child_name, child in parent.named_children():
@@ -49,6 +48,3 @@ def replace_first_conv(model, in_channels, keep_weights=True):
                 setattr(parent, child_name, new)
                 return new
     raise ValueError("the model has no Conv2d to adapt to in_channels")
-
-
-MODELS.register_prefix("torchvision:", build_torchvision, names_fn=torchvision_names)

@@ -5,7 +5,7 @@
     python tests/mutation/run.py --list           # the catalogue
     python tests/mutation/run.py --only NAME[,NAME] | --area AREA  [--jobs N] [--no-baseline]
 
-Each mutant of tests/mutation/mutants.py is one single-point bug (a condition inverted, an offset
+Each mutant of tests/mutation/mutants.yaml is one single-point bug (a condition inverted, an offset
 off by one, a call dropped) in sharding, resume, accumulation, precision, clipping, checkpoints,
 EMA, batch-norm, signals or config validation. For each, a fresh copy of the repository (tracked and
 untracked-not-ignored files) gets the bug and runs only the tests named for it:
@@ -15,7 +15,7 @@ untracked-not-ignored files) gets the bug and runs only the tests named for it:
     harness   nothing was tested (pytest exit 5, a missing test, a snippet not found exactly once)
 
 The score is caught / (caught + survived); the exit status is 0 when it reaches --min-score (95)
-and there was no harness problem. Standard library only; not part of pytest's default run.
+and there was no harness problem. Standard library and PyYAML only; not part of pytest's default run.
 """
 import argparse
 import concurrent.futures
@@ -29,12 +29,32 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-sys.path.insert(0, str(HERE))
-from mutants import AREAS, MUTANTS  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    area: str
+    file: str
+    old: str            # a snippet that occurs exactly once in `file`
+    new: str            # what it becomes: the bug
+    tests: tuple        # pytest node ids (or "-k EXPR") that must catch it
+    why: str            # the bug a user would pay for
+
+
+def load_catalogue(path=HERE / "mutants.yaml"):
+    """(areas, mutants) of the catalogue file."""
+    import yaml
+    data = yaml.safe_load(Path(path).read_text())
+    return tuple(data["areas"]), [Mutant(**{**m, "tests": tuple(m["tests"])}) for m in data["mutants"]]
+
+
+AREAS, MUTANTS = load_catalogue()
 
 PYTEST_EXITS = {1: "caught", 2: "caught (collection error)", 3: "caught (internal error)", 4: "caught (usage error)"}
 _print_lock = threading.Lock()
@@ -222,7 +242,8 @@ def summary(results, min_score):
     harness = [r for r in results if r["result"].startswith("harness")]
     scored = caught + len(survived)
     score = 100.0 * caught / scored if scored else 0.0
-    say(f"\nscore: {caught}/{scored} ({score:.1f}%) caught" + (f"; {len(harness)} not run (harness)" if harness else ""))
+    not_run = f"; {len(harness)} not run (harness)" if harness else ""
+    say(f"\nscore: {caught}/{scored} ({score:.1f}%) caught" + not_run)
     for r in survived:
         say(f"  SURVIVED {r['name']} ({r['file']}): {r['why']}\n           tests: {' '.join(r['tests'])}")
     for r in harness:

@@ -1,19 +1,24 @@
-"""What a run shows and leaves behind: a progress bar, metrics.jsonl (per log step), metrics.csv
-(per epoch), curves.png, confusion.png, wandb, and a summary line. Rank 0 only; elsewhere every
-method is a no-op. matplotlib and wandb are imported only when used.
+"""What a run shows and leaves behind while it trains: a progress bar, metrics.jsonl (per log step),
+metrics.csv (per epoch), the plots (drawn by lib/plots.py), wandb, and the summary line at the end.
+Rank 0 only; elsewhere every method is a no-op. wandb is imported only when enabled.
 """
 import csv
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
+
+from lib.io import atomic_file
+from lib.plots import plot_confusion, plot_curves
 
 PLOT_EVERY_S = 60.0   # redraw curves.png at most this often during training (and always at the end)
 
 
 class RunLogger:
+    """The run's output on rank 0: called by lib/engine.py's loop at each epoch start, micro-batch,
+    log step and epoch end, and by the script when it finishes or is stopped."""
+
     def __init__(self, run_dir, cfg, rt, state, lr_fn, classes=None, plot_groups=None, started=None):
         self.enabled = rt.is_main
         self.lr_fn = lr_fn
@@ -61,12 +66,10 @@ class RunLogger:
         keys = []
         for r in self.rows:
             keys += [k for k in r if k not in keys]
-        tmp = self.dir / ".metrics.csv.tmp"
-        with open(tmp, "w", newline="") as f:
+        with atomic_file(self.dir / "metrics.csv", "w") as f:
             w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()
             w.writerows(self.rows)
-        os.replace(tmp, self.dir / "metrics.csv")
 
     def _jsonl(self, record):
         with open(self.dir / "metrics.jsonl", "a") as f:
@@ -238,69 +241,8 @@ def _fmt(v):
     return str(v)
 
 
-def plot_curves(rows, path, groups=None):
-    """One panel per metric family (loss, acc, ...), train and val together, plus the learning rate."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    epochs = [float(r["epoch"]) for r in rows]
-    if groups is None:
-        families = {}
-        for r in rows:
-            for k in r:
-                if "/" in k:
-                    families.setdefault(k.split("/", 1)[1], set()).add(k)
-        groups = [(name, sorted(keys, key=lambda k: (not k.startswith("train"), k)))
-                  for name, keys in families.items() if name not in ("skipped_steps",)]
-        groups.append(("lr", ["lr"]))
-    fig = Figure(figsize=(4.2 * len(groups), 3.4), dpi=100)
-    FigureCanvasAgg(fig)
-    for i, (title, keys) in enumerate(groups):
-        ax = fig.add_subplot(1, len(groups), i + 1)
-        for k in keys:
-            pts = [(e, float(r[k])) for e, r in zip(epochs, rows) if r.get(k) not in (None, "")]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", markersize=3, label=k)
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        if title == "lr" and all(float(r["lr"]) > 0 for r in rows if r.get("lr") not in (None, "")):
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        if len(keys) > 1:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    _save_fig(fig, path)
-
-
-def plot_confusion(matrix, classes, path):
-    """Rows: true class, columns: predicted; colour by row-normalised rate, numbers are counts."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    m = matrix.double()
-    k = m.shape[0]
-    rates = m / m.sum(1, keepdim=True).clamp_min(1)
-    size = min(12, 2 + 0.45 * k)
-    fig = Figure(figsize=(size, size), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
-    labels = classes if classes and len(classes) == k else [str(i) for i in range(k)]
-    if k <= 30:
-        ax.set_xticks(range(k), labels, rotation=90, fontsize=7)
-        ax.set_yticks(range(k), labels, fontsize=7)
-        for i in range(k):
-            for j in range(k):
-                if m[i, j]:
-                    ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=6,
-                            color="white" if rates[i, j] > 0.5 else "black")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    acc = m.diagonal().sum() / m.sum().clamp_min(1)
-    ax.set_title(f"validation confusion matrix (accuracy {acc:.4f})")
-    fig.tight_layout()
-    _save_fig(fig, path)
-
-
-def _save_fig(fig, path):
-    tmp = Path(path).with_name("." + Path(path).name + ".tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+def best_note(state, monitor: str) -> str:
+    """', best <monitor> <value> at epoch <n>' for the summary line, or '' when nothing was best."""
+    if state.best is None:
+        return ""
+    return f", best {monitor} {state.best:.4f} at epoch {state.best_epoch}"

@@ -1,5 +1,6 @@
-"""The seed's educational layers, written out so a reader can see what nn.Conv2d & co. compute.
-Each is tested against torch's own op in tests/test_registries.py.
+"""Educational layers (after d2l.ai), written out with loops so a reader can see what nn.Conv2d & co.
+compute: mean-centering, dense layers in a ParameterList / ParameterDict, a single-channel corr2d
+convolution and pooling. tests/test_registries.py checks each against torch's own op; no script uses them.
 """
 import torch
 from torch import nn

@@ -1,0 +1,154 @@
+"""Readers of the on-disk formats: IDX (MNIST, FashionMNIST), CIFAR-10 python batches (unpickled
+with only numpy types allowed), Kaggle pixel CSVs (a bad row is reported by its line number), and
+image files (decode, or probe channels and size). Unreadable or malformed files raise UserError
+naming the file and the fix; decode_image raises OSError/ValueError for the caller to report.
+"""
+import gzip
+import math
+import pickle
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lib.errors import UserError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
+
+
+def read_idx(path):
+    """An IDX file (MNIST / FashionMNIST), gzip or not -> numpy array."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise UserError(f"{path} could not be read as an IDX file ({e}); re-download it or remove it "
+                        f"so that it is downloaded again.") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise UserError(f"{path} is not an unsigned-byte IDX file (bad magic number); replace it with the "
+                        f"original MNIST/FashionMNIST file.")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    if len(data) != header + math.prod(dims):
+        raise UserError(f"{path} is truncated or corrupt: the header promises {math.prod(dims)} bytes of "
+                        f"data but {len(data) - header} are there; download it again.")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """CIFAR batches are pickles; allow only the numpy types they hold (no code can run)."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def read_cifar_batch(path):
+    """One CIFAR-10 python batch -> (uint8 (N, 3, 32, 32), int64 labels)."""
+    try:
+        with open(path, "rb") as f:
+            batch = _NumpyOnlyUnpickler(f, encoding="latin1").load()
+        x = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        y = np.asarray(batch["labels"], dtype=np.int64)
+    except (OSError, EOFError, pickle.UnpicklingError, KeyError, ValueError, TypeError) as e:
+        raise UserError(f"{path} is not a readable CIFAR-10 batch ({e}); download the python version of "
+                        f"CIFAR-10 again.") from None
+    if len(x) != len(y):
+        raise UserError(f"{path} holds {len(x)} images but {len(y)} labels; download it again.")
+    return x, y
+
+
+def header_lines(path):
+    """1 when the first line of a CSV is a header (it holds a letter), else 0."""
+    with open(path) as f:
+        return 1 if re.search(r"[A-Za-z]", f.readline()) else 0
+
+
+def read_pixel_csv(path):
+    """A Kaggle pixel CSV (label, pixel1..pixelN) -> (uint8 (N, C, S, S), int64 labels).
+
+    Rows of the wrong length, non-numeric values, pixels outside 0..255 and negative labels are
+    reported with their line number before any training starts.
+    """
+    path = Path(path)
+    header = header_lines(path)
+    with open(path) as f:
+        ncols = len(f.readline().strip().split(","))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")      # "input contained no data" is reported below, once
+            table = np.loadtxt(path, delimiter=",", skiprows=header, dtype=np.int64, ndmin=2)
+    except ValueError:
+        _report_bad_csv_row(path, header, ncols)
+        raise
+    if table.shape[0] == 0:
+        raise UserError(f"{path} has no data rows; a pixel CSV needs one row per image: label, pixel1..pixelN.")
+    labels, pixels = table[:, 0], table[:, 1:]
+    side, channels = _square_side(pixels.shape[1])
+    if side is None:
+        raise UserError(f"{path} has {pixels.shape[1]} pixel columns, which is not a square image "
+                        f"(S*S or 3*S*S values); check the file's columns.")
+    bad = np.flatnonzero((pixels < 0).any(1) | (pixels > 255).any(1))
+    if len(bad):
+        raise UserError(f"{path} line {bad[0] + 1 + header}: pixel values must be 0..255; fix that row.")
+    bad = np.flatnonzero(labels < 0)
+    if len(bad):
+        raise UserError(f"{path} line {bad[0] + 1 + header}: label {labels[bad[0]]} is negative "
+                        f"({len(bad)} such rows); labels are class indices 0, 1, ...")
+    x = torch.from_numpy(pixels.astype(np.uint8).reshape(-1, channels, side, side))
+    return x, torch.from_numpy(labels.astype(np.int64))
+
+
+def _report_bad_csv_row(path, header, ncols):
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if lineno <= header or not line.strip():
+                continue
+            cells = line.strip().split(",")
+            if len(cells) != ncols:
+                raise UserError(f"{path} line {lineno} has {len(cells)} values but the first row has {ncols}; "
+                                f"every row must be label, pixel1..pixelN.")
+            for cell in cells:
+                try:
+                    int(cell)
+                except ValueError:
+                    raise UserError(f"{path} line {lineno}: '{cell[:20]}' is not an integer; a pixel CSV "
+                                    f"holds integer labels and pixel values only.") from None
+
+
+def _square_side(n):
+    for channels in (1, 3):
+        if n % channels == 0:
+            side = math.isqrt(n // channels)
+            if side * side * channels == n:
+                return side, channels
+    return None, None
+
+
+def decode_image(path, size, channels):
+    """An image file -> uint8 tensor (C, S, S); raises OSError/ValueError for unreadable files."""
+    from PIL import Image
+    with Image.open(path) as im:
+        im = im.convert("L" if channels == 1 else "RGB")
+        if size is not None and im.size != (size, size):
+            im = im.resize((size, size), Image.BILINEAR)
+        a = np.array(im, dtype=np.uint8)
+    t = torch.from_numpy(a)
+    return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
+
+
+def probe_image(path):
+    """(channels, (H, W)) of an image file without decoding it all."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return (1 if im.mode in ("L", "1", "I;16", "I", "F") else 3), (im.size[1], im.size[0])
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not read image {path} ({e}); fix or remove the file.") from None

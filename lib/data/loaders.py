@@ -1,0 +1,173 @@
+"""The two loaders of a run and the sharding they share.
+
+    MemoryLoader   batches sliced from uint8 tensors that live on the training device
+    FileLoader     a torch DataLoader whose workers decode image files (or serve in-memory items)
+
+Both shard like DistributedSampler (training order = f(seed, epoch), each rank every world-th index,
+the tail of fewer than world indices dropped so every rank runs the same number of steps), start
+mid-epoch at any batch (exact resume), shard evaluation without padding so every validation sample
+counts exactly once (pytorch#25162), and run the device-side BatchTransform on each batch.
+"""
+import math
+import weakref
+
+import torch
+
+from lib.data.formats import decode_image
+from lib.errors import UserError
+from lib.seeding import stable_seed
+
+
+def shard_indices(n, *, epoch, seed, shuffle, train, rank, world):
+    """This rank's sample indices for one epoch (a CPU int64 tensor).
+
+    train: order = randperm(n) seeded by (seed, epoch) (or 0..n-1), the tail of n % world dropped,
+    rank r takes order[r::world]; every rank gets n // world samples. Evaluation: no shuffle, no
+    drop, no padding: rank r takes r, r + world, ... so the ranks together see each sample once.
+    """
+    if train and shuffle:
+        g = torch.Generator().manual_seed(stable_seed("order", seed, epoch))
+        order = torch.randperm(n, generator=g)
+    else:
+        order = torch.arange(n)
+    if train:
+        order = order[: n - n % world]
+    return order[rank::world]
+
+
+class _Loader:
+    """What both loaders share: epochs, mid-epoch starts, sharding and batch counting."""
+
+    def __init__(self, n, *, batch_size, transform, device, rank, world, seed, shuffle, train):
+        self.n, self.batch_size, self.transform, self.device = n, batch_size, transform, device
+        self.rank, self.world, self.seed, self.shuffle, self.train = rank, world, seed, shuffle, train
+        self.epoch, self.start = 0, 0
+        if train and n // world == 0:
+            raise UserError(f"the training set has {n} samples, fewer than the {world} processes; "
+                            f"use more data or fewer processes.")
+
+    def set_epoch(self, epoch, start_batch=0):
+        """Iterate epoch `epoch` from batch `start_batch` on (resume mid-epoch)."""
+        self.epoch, self.start = epoch, start_batch
+
+    def indices(self):
+        return shard_indices(self.n, epoch=self.epoch, seed=self.seed, shuffle=self.shuffle, train=self.train,
+                             rank=self.rank, world=self.world)
+
+    def samples_per_rank(self):
+        return self.n // self.world if self.train else len(range(self.rank, self.n, self.world))
+
+    def __len__(self):
+        return math.ceil(self.samples_per_rank() / self.batch_size)
+
+    def augment_seed(self, batch):
+        return stable_seed("augment", self.seed, self.epoch, batch, self.rank) if self.train else None
+
+
+class MemoryLoader(_Loader):
+    """Batches sliced from tensors that live on the training device."""
+
+    def __init__(self, split, **kw):
+        super().__init__(len(split), **kw)
+        self.x = split.x.to(self.device)
+        self.y = split.y.to(self.device)
+
+    def __iter__(self):
+        idx = self.indices().to(self.device)
+        start, self.start = self.start, 0
+        for b in range(start, len(self)):
+            sel = idx[b * self.batch_size:(b + 1) * self.batch_size]
+            yield self.transform(self.x.index_select(0, sel), self.augment_seed(b)), self.y.index_select(0, sel)
+
+
+class TensorItems(torch.utils.data.Dataset):
+    """In-memory tensors served one item at a time (data.loader=dataloader on an in-memory dataset)."""
+
+    def __init__(self, split):
+        self.x, self.y = split.x, split.y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i], None
+
+
+class FileDataset(torch.utils.data.Dataset):
+    """Decodes one image file per item into uint8 (C, S, S); errors come back as values, not raises."""
+
+    def __init__(self, split, spec):
+        self.files, self.y, self.size, self.channels = split.files, split.y, spec.size[0], spec.channels
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        try:
+            return decode_image(self.files[i], self.size, self.channels), int(self.y[i]), None
+        except (OSError, ValueError, SyntaxError) as e:
+            return None, int(self.y[i]), f"{self.files[i]} ({type(e).__name__}: {e})"
+
+
+def collate(items):
+    """(x, y, bad) of a batch of (image or None, label, error or None) items: the readable images stacked,
+    and the error texts of the unreadable ones."""
+    good = [it for it in items if it[0] is not None]
+    bad = [it[2] for it in items if it[0] is None]
+    if not good:
+        return None, None, bad
+    return torch.stack([it[0] for it in good]), torch.stack([torch.as_tensor(it[1]) for it in good]), bad
+
+
+class _ShardSampler(torch.utils.data.Sampler):
+    """Feeds the DataLoader this rank's indices from the current start batch on. It holds its loader
+    weakly: a reference cycle would leave the DataLoader to the cyclic GC, which finalizes its queues
+    in any order and then waits 5 s per worker to shut them down."""
+
+    def __init__(self, loader):
+        self.loader = weakref.proxy(loader)
+
+    def __iter__(self):
+        lo = self.loader
+        return iter(lo.indices()[lo.start * lo.batch_size:].tolist())
+
+    def __len__(self):
+        lo = self.loader
+        return max(0, lo.samples_per_rank() - lo.start * lo.batch_size)
+
+
+class FileLoader(_Loader):
+    """A tuned torch DataLoader (workers, pinned memory, persistent workers, prefetch) over files."""
+
+    def __init__(self, dataset, *, num_workers, on_bad_sample, **kw):
+        super().__init__(len(dataset), **kw)
+        self.on_bad_sample = on_bad_sample
+        self.skipped = 0
+        cuda = self.device.type == "cuda"
+        self.dataloader = torch.utils.data.DataLoader(
+            dataset, batch_size=self.batch_size, sampler=_ShardSampler(self), num_workers=num_workers,
+            collate_fn=collate, pin_memory=cuda, persistent_workers=num_workers > 0,
+            prefetch_factor=4 if num_workers > 0 else None)
+
+    def __iter__(self):
+        b = self.start
+        # The sampler reads self.start when the first batch is asked for: at once with workers, but
+        # only at the first next() without them. So the start is reset after the first batch (or
+        # when the epoch had nothing left), not here.
+        for x, y, bad in self.dataloader:
+            self.start = 0
+            if bad:
+                if self.on_bad_sample == "error":
+                    raise UserError(f"could not read image {bad[0]}; fix or remove the file, or set "
+                                    f"data.on_bad_sample=skip to skip unreadable images.")
+                if x is None:
+                    raise UserError(f"every image of a batch was unreadable (first: {bad[0]}); the data "
+                                    f"is too damaged to train on.")
+                self.skipped += len(bad)
+                # Keep the batch size (and so every rank's step) unchanged: repeat good samples.
+                fill = torch.arange(len(bad)) % len(x)
+                x, y = torch.cat([x, x[fill]]), torch.cat([y, y[fill]])
+            x = x.to(self.device, non_blocking=True)
+            yield self.transform(x, self.augment_seed(b)), y.to(self.device, non_blocking=True)
+            b += 1
+        self.start = 0
