@@ -45,6 +45,8 @@ def run(main, *, schema=config_mod.Config, description="", default_config=None, 
     """
     args = parse(sys.argv[1:] if argv is None else argv, schema, description, default_config, extra_args)
     code = _run(main, args, schema, defaults, preflight, command)
+    if "lib.runlog" in sys.modules:                      # a failed run's wandb record says so (issue #15)
+        sys.modules["lib.runlog"].close_wandb(code)
     if "lib.runtime" in sys.modules and argv is None:    # a real process, not a call from a test
         return sys.modules["lib.runtime"].exit_now(code)
     return code
@@ -79,10 +81,23 @@ def _run(main, args, schema, defaults, preflight, command):
         return 130
     except Exception as e:               # a lost peer: say so in a line, not a stack trace
         lost = "lib.runtime" in sys.modules and sys.modules["lib.runtime"].peer_failure(e)
-        if not lost:
-            raise
-        _report("stopped", RunError(lost))
+        if lost:
+            _report("stopped", RunError(lost))
+            return 1
+        _crash(e)
         return 1
+
+
+def _crash(err):
+    """Anything unexpected (the model, DeepSpeed, an out-of-memory error): leave the process group
+    first (so teardown cannot abort), then print this rank's traceback once, named, and exit 1."""
+    from lib import runtime
+    from lib.runtime.faults import report_crash
+    from lib.runtime.dist import mark_crashed
+    world = runtime.CURRENT.world_size if runtime.CURRENT is not None else 1
+    mark_crashed(runtime.process_rank())
+    _shutdown(ok=False)
+    report_crash(err, runtime.process_rank(), world)
 
 
 def _resolve(fn):

@@ -95,7 +95,8 @@ def evaluate(model, loader, loss_fn, rt, task, num_classes=None):
             raise RunError("a process got no validation samples under ZeRO-3; use a validation set at least as "
                            "large as the number of processes.")
         for _ in range(extra):
-            model(next(iter(loader))[0])
+            with rt.autocast():                         # low-precision weights under DeepSpeed bf16
+                model(next(iter(loader))[0])
     if meter.keys is None:  # this rank got no samples: add zeros with the same keys as the others
         empty = torch.zeros(0, num_classes, device=rt.device)
         target = torch.zeros(0, dtype=torch.long, device=rt.device) if task == "classification" else empty
@@ -210,9 +211,10 @@ def fit(*, cfg, rt, run, log, state, train_loader, step_fn, eval_fn, objects, lr
         while state.epoch < t.epochs and not (t.max_steps and state.step >= t.max_steps):
             if on_epoch_start is not None:
                 on_epoch_start(state)
+            epoch_label = f"epoch {state.epoch + 1}"    # before train_one_epoch moves the counter on
             train_metrics, stopped = train_one_epoch(state, train_loader, step_fn, rt, log, run, objects, cfg,
                                                      guard, on_update)
-            guard.check(f"epoch {state.epoch + 1}")
+            guard.check(epoch_label)
             if stopped:
                 path = run.save(objects, state) or run.ckpt_dir / "last.pt"
                 requeued = rt.requeue_slurm_job()

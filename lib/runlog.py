@@ -13,6 +13,7 @@ from lib.io import atomic_file
 from lib.plots import plot_confusion, plot_curves
 
 PLOT_EVERY_S = 60.0   # redraw curves.png at most this often during training (and always at the end)
+_OPEN_WANDB = []      # the wandb run still open, for close_wandb() on the error and fast-exit paths
 
 
 class RunLogger:
@@ -148,6 +149,11 @@ class RunLogger:
               f"{self.dir / 'checkpoints' / 'last.pt'}{note}", flush=True)
         if self.cfg.log.plots:
             self.plot()
+        if self.wandb is not None:
+            try:
+                self.wandb.mark_preempting()     # wandb shows it as preempted, to be resumed (wandb_id.txt)
+            except Exception:
+                pass
         self._finish_wandb()
 
     # -- plots ---------------------------------------------------------------------------------
@@ -192,13 +198,26 @@ class RunLogger:
             print(f"warning: wandb.log failed ({e}); continuing without wandb", flush=True)
             self.wandb = None
 
-    def _finish_wandb(self):
+    def _finish_wandb(self, exit_code=0):
         if self.wandb is not None:
-            try:
-                self.wandb.finish()
-            except Exception:
-                pass
+            _close(self.wandb, exit_code)
             self.wandb = None
+
+
+def close_wandb(exit_code: int) -> None:
+    """End a wandb run the script left open (it raised, or was interrupted) with the process's exit code,
+    so that a failed run is not recorded as exit_code 0. Called by lib/cli.py with the code it returns."""
+    while _OPEN_WANDB:
+        _close(_OPEN_WANDB[-1], exit_code)
+
+
+def _close(run, exit_code):
+    try:
+        run.finish(exit_code=exit_code)
+    except Exception:
+        pass
+    if run in _OPEN_WANDB:
+        _OPEN_WANDB.remove(run)
 
 
 def _start_wandb(run_dir, cfg, rt):
@@ -215,6 +234,7 @@ def _start_wandb(run_dir, cfg, rt):
                          dir=str(run_dir), mode=w.mode, tags=w.tags, config=_wandb_config(cfg),
                          settings=wandb.Settings(init_timeout=60, silent=True))
         id_file.write_text(run_id + "\n")
+        _OPEN_WANDB.append(run)
         return run
     except Exception as e:
         print(f"warning: wandb could not start ({type(e).__name__}: {str(e)[:200]}); continuing without it",

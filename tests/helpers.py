@@ -25,7 +25,8 @@ def env(**extra):
     e.pop("CUDA_VISIBLE_DEVICES", None)
     for k in list(e):
         if k.startswith(("ACCELERATE_", "TORCHELASTIC_", "SLURM_")) or k in (
-                "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+                "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "TRAIN_LOCAL_RANK", "TRAIN_LOCAL_WORLD_SIZE"):
             e.pop(k)
     e.update({"PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "PYTHONHASHSEED": "0"})
     e.update({k: str(v) for k, v in extra.items()})

@@ -1,5 +1,6 @@
 """Clusters on one machine: two torchrun "nodes", the SLURM templates under scontrol/srun stand-ins
 (with SIGUSR1 -> checkpoint -> requeue -> resume), `srun python` without torchrun, DeepSpeed ZeRO."""
+import json
 import os
 import random
 import shutil
@@ -182,8 +183,28 @@ def test_requeue_calls_scontrol_for_array_jobs(tmp_path, monkeypatch):
     assert "scontrol is not on PATH" in rt.requeue_slurm_job()
 
 
+def test_gpu_check_script_cpu_smoke_prints_and_writes_its_table(tmp_path):
+    """issue 15: bench/gpu_check.sh's CPU-possible rows run here (bf16 autocast training with the loss
+    falling, kill -9 at step k then resume == the unbroken run, the throughput bench); CUDA-only rows
+    are SKIP with a reason. ~70 s on this 2-core VM."""
+    out_file = tmp_path / "results.md"
+    r = subprocess.run(["bash", str(REPO / "bench/gpu_check.sh"), "--cpu-smoke", "--out", str(out_file)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=170, env=helpers.env(PYTHON=PY))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    table = out_file.read_text()
+    assert table in r.stdout and "| check | result | detail |" in table
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1] for line in table.splitlines()
+            if line.startswith("| ") and not line.startswith("| check")}
+    assert rows["bf16 mlp (CPU autocast)"] == "PASS" and rows["kill -9 at step 6, resume == unbroken"] == "PASS"
+    assert rows["linear step: ours vs bare loop (CPU)"] == "PASS"
+    assert rows["fp16 GradScaler fashion_cnn, resnet18"] == "SKIP" and "CUDA only" in table
+    assert rows["train.deterministic twice: same weights"] in ("PASS", "SKIP") and "FAIL" not in rows.values()
+    assert len(rows) == 9
+
+
 def test_shell_scripts_pass_bash_n_and_shellcheck():
-    scripts = sorted((REPO / "slurm").glob("*.sh")) + [REPO / ".ci" / "run", SHIMS / "srun", SHIMS / "scontrol"]
+    scripts = sorted((REPO / "slurm").glob("*.sh")) + [REPO / ".ci" / "run", SHIMS / "srun", SHIMS / "scontrol",
+                                                        REPO / "bench" / "gpu_check.sh"]
     for s in scripts:
         assert subprocess.run(["bash", "-n", str(s)]).returncode == 0, s
     checker = shutil.which("shellcheck") or shutil.which("shellcheck", path=os.path.dirname(PY))
@@ -241,6 +262,89 @@ def test_deepspeed_zero_equals_ddp_under_torchrun_and_zero2_resumes(tmp_path, st
     assert resumed["step"] == ckpt["step"]
     for k, v in ckpt["model"].items():
         assert torch.allclose(v, resumed["model"][k], atol=1e-7, rtol=0), k
+
+
+BF16 = [*SAME, "train.precision=bf16"]
+
+
+def test_deepspeed_bf16_zero2_is_killed_mid_epoch_and_resumes_to_the_unbroken_weights(tmp_path):
+    """issue 15 item 1: DeepSpeed casts the weights to bf16 ("bf16": {"enabled": "auto"} filled from
+    train.precision) and our autocast runs the forward in bf16 (fp32 batches crashed the first forward).
+    Trains, evaluates, checkpoints at step 4, is killed after step 6 and resumes to the same weights."""
+    ds = f"dist.deepspeed={REPO}/configs/deepspeed/zero2.json"
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--monitor-interval=0.5",
+           REPO / "train.py", *BF16, ds, "checkpoint.every_steps=4", "train.log_every=1"]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    for d in (ref, cut):
+        d.mkdir()
+    out = ok(helpers.run([str(c) for c in cmd], ref, timeout=400))
+    assert "DeepSpeed ZeRO-2, 2 process(es), device cpu, precision bf16" in out
+    assert helpers.final_metrics(out)["val/acc"] > 0.5
+    whole = state_dict(ref / "runs/default/checkpoints/last.pt")
+    assert all(v.dtype == torch.bfloat16 for v in whole["model"].values())     # DeepSpeed's bf16 weights
+    proc = helpers.start(cmd, cut, TRAIN_FAULT_PAUSE_AT_STEP=6)
+    try:
+        helpers.wait_for_step(cut / "runs/default", 6, proc, timeout=200)
+    finally:
+        helpers.kill_tree(proc)
+    out = ok(helpers.run([str(c) for c in cmd], cut, timeout=400))
+    assert "resumed from runs/default/checkpoints/step_00000004.pt at epoch 1, batch 4, step 4" in out
+    resumed = state_dict(cut / "runs/default/checkpoints/last.pt")
+    assert resumed["step"] == whole["step"]
+    for k, v in whole["model"].items():
+        assert torch.allclose(v.float(), resumed["model"][k].float(), atol=1e-6, rtol=0), k
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_deepspeed_bf16_zero1_and_zero3_train_and_finish(tmp_path, stage):
+    """The default config's CNN has batch norm: DeepSpeed 0.19 casts parameters, not buffers, so the
+    running statistics must follow the weights to bf16 (data_types.buffer_dtype, lib/runtime/deepspeed.py)."""
+    ds = f"dist.deepspeed={REPO}/configs/deepspeed/zero{stage}.json"
+    out = ok(torchrun("train.py", "train.precision=bf16", "train.epochs=1", "train.max_steps=3", "log.plots=false",
+                      ds, cwd=tmp_path, timeout=400))
+    assert f"DeepSpeed ZeRO-{stage}, 2 process(es), device cpu, precision bf16" in out and "model: fashion_cnn" in out
+    assert 0 <= helpers.final_metrics(out)["val/acc"] <= 1
+    ckpt = state_dict(tmp_path / "runs/default/checkpoints/last.pt")
+    assert ckpt["step"] == 3
+    assert all(v.dtype == torch.bfloat16 for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_deepspeed_bf16_through_accelerate_launch_with_the_shipped_config(tmp_path):
+    cmd = [PY, "-m", "accelerate.commands.launch",
+           "--config_file", str(REPO / "configs/accelerate/deepspeed_zero2.yaml"), "--num_processes", "2",
+           str(REPO / "train.py"), *BF16, "train.max_steps=4"]
+    out = ok(helpers.run(cmd, tmp_path, timeout=400))
+    assert "DeepSpeed ZeRO-2, 2 process(es), device cpu, precision bf16, launcher accelerate launch" in out
+    assert helpers.final_metrics(out)["val/acc"] > 0.3
+
+
+def test_deepspeed_precision_contradictions_and_cpu_fp16_are_refused(tmp_path):
+    """train.precision is the one place precision is chosen: an explicit "enabled" in the JSON that
+    disagrees is refused (Accelerate would keep the JSON's silently); DeepSpeed has no fp16 on CPU."""
+    ds = json.loads((REPO / "configs/deepspeed/zero2.json").read_text())
+    for block, enabled, precision in (("fp16", True, "bf16"), ("bf16", True, "no"), ("bf16", False, "bf16")):
+        bad = dict(ds, **{block: {"enabled": enabled}})
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        msg = helpers.user_error(script("train.py", "model.name=mlp", "dist.deepspeed=bad.json",
+                                        f"train.precision={precision}", cwd=tmp_path, timeout=120))
+        assert f'sets "{block}": {{"enabled": {json.dumps(enabled)}}} but train.precision={precision}' in msg
+        assert 'set "enabled": "auto" there' in msg
+    msg = helpers.user_error(script("train.py", "model.name=mlp", "dist.deepspeed=configs/deepspeed/zero2.json",
+                                    "train.precision=fp16", cwd=tmp_path, timeout=120))
+    assert "train.precision=fp16 under DeepSpeed needs GPUs" in msg and "use train.precision=bf16" in msg
+    assert not (tmp_path / "runs").exists()                 # refused before any file is written
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="DeepSpeed fp16 (its loss scaler) needs a GPU")
+def test_deepspeed_fp16_zero2_trains_on_a_gpu(tmp_path):
+    """GPU only (never run on CPU, where fp16 under DeepSpeed is refused): ZeRO-2 fp16 with DeepSpeed's
+    dynamic loss scaler, one process per GPU, up to 2."""
+    nproc = min(2, torch.cuda.device_count())
+    out = ok(torchrun("train.py", *SAME, "train.precision=fp16", "train.max_steps=4", "checkpoint.every_steps=2",
+                      f"dist.deepspeed={REPO}/configs/deepspeed/zero2.json", cwd=tmp_path, nproc=nproc, timeout=400))
+    assert f"DeepSpeed ZeRO-2, {nproc} process(es), device cuda" in out and "precision fp16" in out
+    ckpt = state_dict(tmp_path / "runs/default/checkpoints/last.pt")
+    assert ckpt["step"] == 4 and all(v.dtype == torch.float16 and v.isfinite().all() for v in ckpt["model"].values())
 
 
 def test_deepspeed_through_the_shipped_accelerate_config_fine_tunes(tmp_path):

@@ -94,10 +94,70 @@ def test_launch_variables_are_checked(monkeypatch):
         runtime.prepare_env(cfg)
 
 
+def _slurm_task(monkeypatch, env):
+    """prepare_env for one task in an env made of `env` only (launch and SLURM variables cleared)."""
+    for k in [*runtime.LAUNCH_VARS, *launch.NODE_VARS, "CUDA_VISIBLE_DEVICES", "TORCHELASTIC_RUN_ID",
+              *[k for k in launch.os.environ if k.startswith("SLURM_")]]:
+        monkeypatch.setenv(k, "x")
+        monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, str(v))
+    notes = runtime.prepare_env(config.load(config.Config, None, []))
+    e = launch.os.environ
+    visible = [v for v in e.get("CUDA_VISIBLE_DEVICES", "").split(",") if v]
+    device = int(e["LOCAL_RANK"]) % max(1, len(visible))        # Accelerate's cuda:<LOCAL_RANK % count>
+    return launch.node_local_rank(), device, visible[device] if visible else None, notes
+
+
+@pytest.mark.parametrize("layout", ["gpus-per-task", "gpus-per-node", "torchrun"])
+def test_slurm_layouts_give_one_node_first_task_and_the_right_gpu(monkeypatch, layout):
+    """issue 15 item 6: 2 nodes x 4 tasks. --gpus-per-task=1 shows each task one GPU (device index 0),
+    yet exactly one task per node is "first on the node" (main_process_first, cache writes), so the
+    node's data is decoded once, not 4 times; --gpus-per-node=4 gives task i cuda:i; torchrun's own
+    LOCAL_RANK wins under srun. Every GPU of a node is used by exactly one task."""
+    firsts, gpus = {0: 0, 1: 0}, set()
+    for proc in range(8):
+        node, local = divmod(proc, 4)
+        env = {"SLURM_PROCID": proc, "SLURM_LOCALID": local, "SLURM_NODEID": node, "SLURM_NTASKS": 8,
+               "SLURM_NTASKS_PER_NODE": "4(x2)", "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_JOB_ID": 7}
+        if layout == "gpus-per-task":
+            env.update(CUDA_VISIBLE_DEVICES=local, SLURM_STEP_GPUS=local, SLURM_GPUS_PER_TASK=1)
+        elif layout == "gpus-per-node":
+            env.update(CUDA_VISIBLE_DEVICES="0,1,2,3", SLURM_STEP_GPUS="0,1,2,3")
+        else:       # srun --ntasks-per-node=1 torchrun --nproc_per_node=4: torchrun sets the variables
+            env.update(CUDA_VISIBLE_DEVICES="0,1,2,3", SLURM_PROCID=node, SLURM_LOCALID=0, SLURM_NTASKS=2,
+                       SLURM_NTASKS_PER_NODE=1, TORCHELASTIC_RUN_ID="r", RANK=proc, WORLD_SIZE=8,
+                       LOCAL_RANK=local, LOCAL_WORLD_SIZE=4, MASTER_ADDR="gpu01", MASTER_PORT=29500,
+                       TRAIN_LOCAL_RANK=0)                          # a stale value from outside is ignored
+        (rank, count), device, gpu, notes = _slurm_task(monkeypatch, env)
+        assert (rank, count) == (local, 4), (layout, proc)
+        assert device == (0 if layout == "gpus-per-task" else local) and gpu == str(local)
+        gpus.add((node, gpu))
+        firsts[node] += rank == 0
+        if layout == "gpus-per-task":
+            assert f"SLURM bound GPU {local} to this task; it is this process's cuda:0 (task {local} of 4" in notes[-1]
+        elif layout == "gpus-per-node":
+            assert f"task {local} of 4 on this node uses cuda:{local} = GPU {local}" in notes[-1]
+    assert firsts == {0: 1, 1: 1} and len(gpus) == 8
+
+
+def test_runtime_takes_its_node_local_rank_from_slurm_not_from_the_gpu_index(monkeypatch):
+    for k in [*runtime.LAUNCH_VARS, *launch.NODE_VARS]:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("TRAIN_LOCAL_RANK", "3")                 # what prepare_env sets under --gpus-per-task
+    from accelerate.state import AcceleratorState
+    try:
+        rt = runtime.Runtime(config.load(config.Config, None, ["model.name=mlp"]), [])
+        assert rt.local_rank == 3
+    finally:
+        AcceleratorState._reset_state(True)
+
+
 def test_slurm_gpu_binding_per_task_and_precedence(monkeypatch):
     """srun python with --gpus-per-task=1: SLURM shows each task one GPU (its cuda:0); dist.gpus and a
     user's CUDA_VISIBLE_DEVICES still come first and are logged with their source."""
-    for k in [*runtime.LAUNCH_VARS, "CUDA_VISIBLE_DEVICES"] + [k for k in launch.os.environ if k.startswith("SLURM_")]:
+    for k in [*runtime.LAUNCH_VARS, *launch.NODE_VARS, "CUDA_VISIBLE_DEVICES"] + [
+            k for k in launch.os.environ if k.startswith("SLURM_")]:
         monkeypatch.setenv(k, "x")              # recorded, so that what prepare_env sets is undone after
         monkeypatch.delenv(k)
     slurm = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2",

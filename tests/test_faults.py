@@ -405,3 +405,86 @@ def test_fuzz_bad_data_files(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err + out, (name, err)
         assert list(cwd.iterdir()) == [], f"{name}: something was written"
         assert _tree(data_root) == before, f"{name}: something was written next to the data"
+
+
+def test_the_control_group_honours_dist_timeout_s(monkeypatch):
+    """Under NCCL the control plane is a separate gloo group: created with dist.timeout_s, not the
+    30-minute default of new_group."""
+    import datetime
+
+    import torch.distributed as tdist
+
+    from lib.runtime import dist
+    made = {}
+    monkeypatch.setattr(tdist, "get_backend", lambda *a: "nccl")
+    monkeypatch.setattr(tdist, "new_group", lambda **kw: made.update(kw) or "group")
+    assert dist.make_control_group(10) == "group"
+    assert made == {"backend": "gloo", "timeout": datetime.timedelta(seconds=10)}
+
+
+def test_a_hanging_rank_is_named_within_the_timeout(tmp_path):
+    """Rank 1 stops answering (held after step 3): the job ends within 20 s of a 10 s dist.timeout_s
+    with one sentence that names rank 1."""
+    proc = helpers.start(_launch("train.py", "torchrun") + [*TRAIN, "dist.timeout_s=10", "train.epochs=1"], tmp_path,
+                         TRAIN_FAULT_PAUSE_AT_STEP=3, TRAIN_FAULT_PAUSE_RANK=1)
+    lines, paused = [], None
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if paused is None and "[rank 1] paused for a fault test" in line:
+                paused = time.perf_counter()
+        proc.wait(timeout=60)
+    finally:
+        helpers.kill_tree(proc)
+    out = "".join(lines)
+    assert paused is not None and proc.returncode != 0, out[-3000:]
+    waited = time.perf_counter() - paused
+    assert waited < 20, (waited, out[-3000:])
+    print(f"ended {waited:.1f} s after rank 1 stopped answering")
+    assert "another process of this job stopped answering: rank 1 (" in out and "dist.timeout_s=10 s" in out
+    assert "[rank0]: Traceback" not in out and "[rank 0] Traceback" not in out and "Watchdog" not in out
+
+
+def test_an_out_of_memory_error_exits_1_with_advice_and_the_checkpoint_intact(tmp_path):
+    import hashlib
+    r = script("train.py", *TRAIN, "checkpoint.every_steps=2", cwd=tmp_path, timeout=200,
+               TRAIN_FAULT_RAISE_AT_STEP=5, TRAIN_FAULT_RAISE="oom")
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert r.stderr.count("Traceback (most recent call last)") == 1 and "torch.OutOfMemoryError: injected" in r.stderr
+    assert "lower data.batch_size (and raise train.grad_accum" in r.stderr and "train.channels_last" in r.stderr
+    ckpt = tmp_path / "runs/run/checkpoints"
+    last = (ckpt / "last.pt").read_bytes()
+    assert hashlib.sha256(last).hexdigest() in (ckpt / "last.pt.sha256").read_text()
+    assert last == (ckpt / "step_00000004.pt").read_bytes() and state_dict(ckpt / "last.pt")["step"] == 4
+
+
+def test_an_exception_from_the_model_exits_1_cleanly_in_every_launch(tmp_path):
+    """Rank 1's forward raises at step 2 under torchrun: every launch exits 1 (no abort: no SIGABRT,
+    'terminate called' or 'Aborted'), rank 1's traceback is shown once and named, rank 0 names rank 1.
+    4 launches in the suite (~15 s each on 2 cores); TRAIN_TEST_CRASH_LAUNCHES=20 for the full check."""
+    tiny = ["model.name=mlp", "model.hidden=[8]", "data.batch_size=64", "train.epochs=1", "train.max_steps=4",
+            "train.log_every=1", *QUIET]
+    t, launches = time.perf_counter(), int(os.environ.get("TRAIN_TEST_CRASH_LAUNCHES", "4"))
+    for i in range(launches):
+        r = torchrun("train.py", *tiny, f"name=run{i}", cwd=tmp_path, timeout=60,
+                     TRAIN_FAULT_RAISE_AT_STEP=2, TRAIN_FAULT_RAISE_RANK=1)
+        out = r.stdout + r.stderr
+        assert r.returncode == 1, (i, r.returncode, out[-3000:])
+        for sign in ("terminate called", "Aborted", "exitcode: -6", "Signals.SIGABRT"):
+            assert sign not in out, (i, sign, out[-3000:])
+        assert out.count("[rank 1] Traceback (most recent call last)") == 1, out[-3000:]
+        assert "[rank 0] Traceback" not in out and "[rank0]: Traceback" not in out and "[rank1]: " not in out
+        assert "[rank 1] Traceback (most recent call last)" in out and "[rank 1] RuntimeError: injected" in out
+        assert "stopped answering: rank 1 (" in out, out[-3000:]
+    print(f"{launches} launches in {time.perf_counter() - t:.0f} s")
+
+
+def test_one_summary_line_of_the_ranks_unless_log_verbose(tmp_path):
+    tiny = ["model.name=mlp", "model.hidden=[8]", "train.epochs=1", "train.max_steps=2", *QUIET]
+    out = ok(torchrun("train.py", *tiny, "name=a", cwd=tmp_path, timeout=120))
+    assert len(re.findall(r"^ranks: 2 ranks on 1 host\(s\): \S+ \[0 cpu\S*, 1 cpu\S*\]; CUDA_VISIBLE_DEVICES=", out,
+                          re.M)) == 1, out
+    assert "[rank 0/2] host" not in out and "[rank 1/2] host" not in out
+    out = ok(torchrun("train.py", *tiny, "name=b", "log.verbose=true", cwd=tmp_path, timeout=120))
+    assert len(re.findall(r"\[rank [01]/2\] host \S+, device cpu\S*, CUDA_VISIBLE_DEVICES=", out)) == 2, out
+    assert "ranks: 2 ranks" not in out

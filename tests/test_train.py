@@ -271,3 +271,84 @@ def test_a_checkpoint_of_format_1_still_resumes_bit_exactly(tmp_path):
     wall = ("time_s",)
     assert {k: v for k, v in got["metrics"].items() if k not in wall} == \
         {k: v for k, v in expected["metrics"].items() if k not in wall}
+
+
+@pytest.mark.parametrize("overrides", [["train.deterministic=true"], ["train.tf32=false"], []])
+def test_deterministic_and_tf32_set_the_torch_flags_they_promise(monkeypatch, overrides):
+    """Issue #15 item 2: the flags are set by the runtime in-process (CPU), and put back after the test."""
+    from accelerate.state import AcceleratorState
+
+    from lib import config, runtime
+    from lib.runtime import launch
+    for k in [*runtime.LAUNCH_VARS, *launch.NODE_VARS]:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "x")
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")         # recorded, so that what the runtime sets is undone
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+             torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    cfg = config.load(config.Config, None, ["model.name=mlp", *overrides])
+    try:
+        runtime.prepare_env(cfg)
+        runtime.Runtime(cfg, [])
+        det = "train.deterministic=true" in overrides
+        tf32 = not overrides
+        assert torch.are_deterministic_algorithms_enabled() == det
+        assert torch.backends.cudnn.deterministic == det and torch.backends.cudnn.benchmark is False   # CPU
+        assert torch.backends.cuda.matmul.allow_tf32 == tf32 and torch.backends.cudnn.allow_tf32 == tf32
+        assert launch.os.environ.get("CUBLAS_WORKSPACE_CONFIG") == (":4096:8" if det else None)
+    finally:
+        AcceleratorState._reset_state(True)
+        torch.use_deterministic_algorithms(saved[0])
+        (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.allow_tf32) = saved[1:]
+
+
+def test_a_deterministic_run_trains_on_cpu_and_repeats_exactly(tmp_path):
+    args = ["train.py", *TINY, "train.max_steps=4", "train.epochs=1", "train.deterministic=true"]
+    for name in ("a", "b"):
+        ok(script(*args, f"name={name}", cwd=tmp_path))
+    a, b = (state_dict(tmp_path / f"runs/{n}/checkpoints/last.pt")["model"] for n in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _wandb_exit_codes(run_dir):
+    """The exit records in a run's offline .wandb files, read with wandb's protobuf Record and the
+    leveldb-log framing wandb writes (7-byte file header; 32 KiB blocks of crc32/length/type chunks)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+    codes = []
+    for path in sorted(run_dir.rglob("*.wandb")):
+        data, pos, parts = path.read_bytes(), 7, b""
+        while pos + 7 <= len(data):
+            room = 32768 - pos % 32768
+            if room < 7:                                  # the block's tail is padding
+                pos += room
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            if kind == 0 and length == 0:
+                break
+            parts += data[pos + 7:pos + 7 + length]
+            pos += 7 + length
+            if kind in (1, 4):                            # FULL or LAST: one whole record
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(parts)
+                parts = b""
+                if record.WhichOneof("record_type") == "exit":
+                    codes.append(record.exit.exit_code)
+    return codes
+
+
+def test_wandb_records_the_exit_code_and_a_nan_names_its_own_epoch(tmp_path):
+    """Issue #15 item 5: a run stopped by a NaN exits 1 and its .wandb exit record says 1, not 0; the NaN
+    found by the end-of-epoch check is reported in that epoch, not the next."""
+    wandb = ["log.wandb.enabled=true", "train.epochs=1"]
+    good = script("train.py", *TINY, *wandb, "train.max_steps=3", "name=good", cwd=tmp_path, WANDB_MODE="offline")
+    ok(good)
+    assert _wandb_exit_codes(tmp_path / "runs/good/wandb") == [0]
+    diverge = ["model.name=mlp", "model.hidden=[64]", "model.dropout=0.2", "data.batch_size=64", "log.plots=false",
+               "optim.name=sgd", "optim.lr=1.0e+6", "train.log_every=100000"]     # as tests/test_faults.py
+    bad = script("train.py", *diverge, *wandb, "name=nan", cwd=tmp_path, WANDB_MODE="offline")
+    assert bad.returncode == 1, bad.stderr[-2000:]
+    assert "(epoch 1)" in bad.stderr, bad.stderr[-2000:]
+    assert _wandb_exit_codes(tmp_path / "runs/nan/wandb") == [1]

@@ -117,6 +117,10 @@ class TrainCfg:
     eval_every_epochs: int = knob(1, "evaluate every N epochs (and always after the last)")
     on_nonfinite: Literal["stop", "skip"] = knob("stop", "a NaN/inf loss stops the run (stop) or its step is skipped")
     eval_only: bool = knob(False, "only evaluate the loaded weights (see checkpoint.resume / finetune.weights)")
+    deterministic: bool = knob(False, "reproducible GPU runs: deterministic algorithms and cudnn, no cudnn "
+                               "autotuning, no TF32, CUBLAS_WORKSPACE_CONFIG=:4096:8 (slower)")
+    tf32: bool = knob(True, "allow TF32 matmuls/convolutions on Ampere+ GPUs (off: full fp32; "
+                      "train.deterministic turns it off)")
 
 
 @dataclass
@@ -156,6 +160,8 @@ class LogCfg:
     wandb: WandbCfg = section(WandbCfg, "Weights & Biases")
     plots: bool = knob(True, "write curves.png (and confusion.png) in the run directory")
     progress: bool = knob(True, "show a progress bar on rank 0")
+    verbose: bool = knob(False, "every rank prints its own line (host, device, CUDA_VISIBLE_DEVICES); "
+                                "false: one summary line from rank 0")
 
 
 @dataclass

@@ -15,6 +15,7 @@ The same script runs under `python`, `torchrun`, `accelerate launch` and `srun`:
     precision.py  autocast, GradScaler, clipping on unscaled gradients, the skippable step
     deepspeed.py  DeepSpeed's plugin, checks and batch/clipping agreement
     signals.py    stop-signal handlers, SLURM requeue, the stop marker, fault-test pauses
+    faults.py     crash reports (one traceback, rank named, out-of-memory advice), fault injection
     core.py       the Runtime that composes them, setup()
 """
 from lib.runtime import core

@@ -12,12 +12,12 @@ import contextlib
 import datetime
 import os
 import signal
-import socket
 
 from lib import seeding
 from lib.errors import UserError
 import lib.runtime.dist as dist
 import lib.runtime.launch as launch
+from lib.runtime.faults import inject_forward_fault
 from lib.runtime.deepspeed import (check_can_start, configure, deepspeed_plugin, deepspeed_requested,
                                    resolve_accelerate_deepspeed_file)
 from lib.runtime.precision import MixedPrecision, resolve_precision
@@ -52,13 +52,13 @@ class Runtime:
         ds_plugin = deepspeed_plugin(cfg.dist)
         use_ds = ds_plugin is not None or deepspeed_requested(cfg)
         if use_ds:
-            check_can_start(cfg.train, distributed, cuda, backend)
+            check_can_start(cfg.train, distributed, cuda, backend, precision, cfg.dist)
         kwargs = dict(cpu=not cuda and not use_ds, kwargs_handlers=handlers,
                       mixed_precision=precision if use_ds else "no")
         if ds_plugin is not None:
             kwargs["deepspeed_plugin"] = ds_plugin
         if cuda:
-            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")   # a timed-out collective aborts
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")   # timeouts raise in Python (dist.py)
         dist.init_process_group(backend, cfg.dist.timeout_s)
         try:
             self.accelerator = Accelerator(**kwargs)
@@ -69,7 +69,7 @@ class Runtime:
         self.device = acc.device
         self.rank = acc.process_index
         self.world_size = acc.num_processes
-        self.local_rank = acc.local_process_index
+        self.local_rank = launch.node_local_rank(acc.local_process_index)[0]   # not the GPU index (launch.py)
         self.is_main = acc.is_main_process
         self.precision = precision
         self.notes = notes
@@ -79,12 +79,9 @@ class Runtime:
         self.fault_pause_step = fault_pause_step(self.rank)
         self._stop_signal = None            # the name of the first stop signal received
         self._old_handlers = {}
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True   # TF32 on Ampere+ matmuls/convs (timm, nanoGPT)
-            torch.backends.cudnn.allow_tf32 = True
-            torch.backends.cudnn.benchmark = True
+        launch.set_numerics(torch, cfg.train, self.device.type == "cuda")   # deterministic / tf32 flags
         if self.world_size > 1:
-            self._control_group = dist.make_control_group()
+            self._control_group = dist.make_control_group(cfg.dist.timeout_s)
         self.engine = None                  # the DeepSpeed engine, once prepare() made it
         self.zero_stage = 0                 # DeepSpeed's ZeRO stage (0 without DeepSpeed)
         if self.deepspeed:
@@ -130,6 +127,7 @@ class Runtime:
         torch = self.torch
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
+        model = inject_forward_fault(model, self.rank)     # fault-injection tests only (an env var)
         if self.deepspeed:
             try:
                 model, optimizer = self.accelerator.prepare(model, optimizer)
@@ -293,9 +291,6 @@ def setup(cfg, notes=(), broadcast_buffers=True) -> Runtime:
     CURRENT = rt
     rt.seed(cfg.seed)
     rt.install_signal_handlers((signal.SIGTERM, signal.SIGUSR1))   # SIGINT joins when training starts
-    if rt.world_size > 1:      # where each rank computes (GPU selection is logged per rank)
-        print(f"[rank {rt.rank}/{rt.world_size}] host {socket.gethostname()}, device {rt.device}, "
-              f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}", flush=True)
     return rt
 
 

@@ -12,11 +12,14 @@ import contextlib
 import datetime
 import os
 import sys
+import time
 
 from lib.errors import UserError
 from lib.runtime.launch import restart_count
 
 _GROUP_STARTED = False   # this process joined a process group (see exit_now)
+_STORE = None            # the rendezvous store of this attempt (to ask which rank stopped answering)
+_TIMEOUT_S = None        # dist.timeout_s, which every group of this process honours
 
 # What a collective's error says when another process died or hung (gloo, NCCL's watchdog).
 _PEER_SIGNS = ("Timed out waiting", "timed out", "Connection closed by peer", "Connection reset by peer",
@@ -33,7 +36,8 @@ def init_process_group(backend: str, timeout_s: float) -> None:
     12 of 12 successes with a per-attempt prefix (cf. pytorch PR #61590, pytorch#167288).
     """
     import torch.distributed as tdist
-    global _GROUP_STARTED
+    global _GROUP_STARTED, _STORE, _TIMEOUT_S
+    _TIMEOUT_S = timeout_s
     env = os.environ
     world = int(env.get("WORLD_SIZE", "1"))
     if world <= 1 or tdist.is_initialized():
@@ -47,7 +51,7 @@ def init_process_group(backend: str, timeout_s: float) -> None:
                                wait_for_workers=False, multi_tenant=not agent_store)
         store = tdist.PrefixStore(f"/train/attempt_{restart_count()}", store)
         tdist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
-        _GROUP_STARTED = True
+        _GROUP_STARTED, _STORE = True, store
     except (RuntimeError, ValueError, OSError) as e:
         raise UserError(f"process {rank} of {world} could not join the others at {env['MASTER_ADDR']}:"
                         f"{env['MASTER_PORT']} ({str(e).splitlines()[0][:160]}); check MASTER_ADDR/MASTER_PORT, "
@@ -62,12 +66,15 @@ def check_world_size(launched: int, seen: int, kind: str) -> None:
                         f"{kind}); check the launch command and that every process can reach MASTER_ADDR.")
 
 
-def make_control_group():
-    """A gloo group for tiny control-plane reductions (stop flags), so they never sync the GPU."""
+def make_control_group(timeout_s=None):
+    """A gloo group for tiny control-plane reductions (stop flags), so they never sync the GPU; it
+    honours dist.timeout_s like the main group (new_group's default is 30 minutes)."""
     import torch.distributed as tdist
     if tdist.get_backend() == "gloo":
         return tdist.group.WORLD
-    return tdist.new_group(backend="gloo")
+    timeout_s = timeout_s if timeout_s is not None else _TIMEOUT_S
+    timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+    return tdist.new_group(backend="gloo", timeout=timeout)
 
 
 def backend_name() -> str:
@@ -175,9 +182,40 @@ def peer_failure(err, world_size, timeout_s):
     if not (isinstance(err, backend_errors) or isinstance(err, RuntimeError) and any(s in text for s in _PEER_SIGNS)):
         return None
     first = text.strip().splitlines()[0][:200] if text.strip() else type(err).__name__
-    return (f"another process of this job stopped answering ({first}); this process waited "
+    silent = silent_ranks(world_size, tdist.get_rank())
+    who = f": rank {', '.join(map(str, silent))}" if silent else ""
+    return (f"another process of this job stopped answering{who} ({first}); this process waited "
             f"dist.timeout_s={timeout_s:g} s. Look at the other ranks' output for the cause "
             f"(an error, a hang, a killed process); the last checkpoint is intact.")
+
+
+def silent_ranks(world_size, rank, wait_s=3.0):
+    """The ranks that stopped answering: every rank that sees a peer failure checks in at the store
+    (it outlives a dead rank under torchrun: the agent serves it); those that have not checked in
+    after wait_s are named. [] when the store cannot tell."""
+    if _STORE is None:
+        return []
+    keys = [f"stopped_answering/{r}" for r in range(world_size)]
+    try:
+        _STORE.set(keys[rank], "1")
+        deadline = time.monotonic() + wait_s
+        while True:
+            if _STORE.check(["crashed"]):           # a rank that raised said so before it left
+                return [int(_STORE.get("crashed"))]
+            silent = [r for r in range(world_size) if not _STORE.check([keys[r]])]
+            if not silent or time.monotonic() > deadline:
+                return silent
+            time.sleep(0.1)
+    except Exception:        # the store itself is gone (its host died)
+        return []
+
+
+def mark_crashed(rank):
+    """Tell the other ranks (through the store) that this rank is leaving on an exception."""
+    if _STORE is not None:
+        with contextlib.suppress(Exception):
+            if not _STORE.check(["crashed"]):
+                _STORE.set("crashed", str(rank))
 
 
 def exit_now(code):

@@ -4,6 +4,7 @@ what env.json records about the machine. Imports no torch at module level.
 
     notes = prepare_env(cfg)   # dist.gpus -> CUDA_VISIBLE_DEVICES, SLURM -> RANK/WORLD_SIZE/..., checks
     detect_launcher(); process_rank(); restart_count(); slurm_job_id(); slurm_hostnames("gpu[01-03]")
+    node_local_rank()          # (rank on this node, processes on it): SLURM_LOCALID even where LOCAL_RANK is 0
 """
 import os
 import platform
@@ -15,6 +16,7 @@ import sys
 from lib.errors import UserError
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+NODE_VARS = ("TRAIN_LOCAL_RANK", "TRAIN_LOCAL_WORLD_SIZE")   # set from SLURM_LOCALID where LOCAL_RANK is a GPU index
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -50,13 +52,37 @@ def prepare_env(cfg) -> list[str]:
         notes.append(f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']} (set by {source})")
     notes += _map_slurm_env()
     _check_launch_env()
+    if cfg.train.deterministic:
+        # cuBLAS needs a fixed workspace for deterministic GEMMs, and reads it when CUDA starts
+        # (https://docs.nvidia.com/cuda/cublas/#results-reproducibility): set it here, before any CUDA call.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     return notes
+
+
+def set_numerics(torch, train, cuda: bool) -> None:
+    """train.deterministic / train.tf32 -> torch's global flags (called once CUDA is known to be there or not).
+
+    TF32 (Ampere+) rounds fp32 matmul/conv inputs to a 10-bit mantissa: faster, not bit-reproducible
+    across kernels. Deterministic mode also turns off cudnn's autotuner, whose pick may differ per run.
+    """
+    deterministic = bool(train.deterministic)
+    tf32 = bool(train.tf32) and not deterministic
+    torch.backends.cuda.matmul.allow_tf32 = tf32   # TF32 on Ampere+ matmuls/convs (timm, nanoGPT)
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = cuda and not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # prepare_env set it unless run in-process
+        torch.use_deterministic_algorithms(True)
 
 
 def _map_slurm_env():
     """`srun python train.py` (one task per GPU, no torchrun): derive torchrun's variables from SLURM's."""
     env = os.environ
     if "SLURM_PROCID" not in env or "RANK" in env or "TORCHELASTIC_RUN_ID" in env:
+        if "TORCHELASTIC_RUN_ID" in env:            # torchrun under srun: torchrun's LOCAL_RANK wins
+            for var in NODE_VARS:
+                env.pop(var, None)
         return []
     ntasks = int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")))
     if ntasks <= 1:
@@ -74,12 +100,31 @@ def _map_slurm_env():
     env.setdefault("MASTER_PORT", str(slurm_port(env.get("SLURM_JOB_ID", "0"))))
     notes = [f"srun launch: rank {env['RANK']}/{ntasks}, master {env['MASTER_ADDR']}:{env['MASTER_PORT']}"]
     visible = [v for v in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    # The node-local rank and count (who is "first on the node" for downloads and caches) stay SLURM's
+    # even where the device index differs from them (below).
+    env["TRAIN_LOCAL_RANK"], env["TRAIN_LOCAL_WORLD_SIZE"] = env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"]
     if len(visible) == 1 and int(env["LOCAL_WORLD_SIZE"]) > 1:
         # SLURM bound one GPU to each task (--gpus-per-task=1, --gpu-bind): this task's GPU is its
-        # cuda:0, so it computes (and joins NCCL barriers) as the only process of its own view.
+        # cuda:0. LOCAL_RANK is the device index Accelerate and DeepSpeed pick (cuda:<LOCAL_RANK>), so it
+        # is 0 here, while TRAIN_LOCAL_RANK keeps SLURM_LOCALID for main_process_first and cache writes.
         env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"] = "0", "1"
-        notes.append(f"SLURM bound GPU {visible[0]} to this task; it is this process's cuda:0")
+        notes.append(f"SLURM bound GPU {visible[0]} to this task; it is this process's cuda:0 "
+                     f"(task {env['TRAIN_LOCAL_RANK']} of {env['TRAIN_LOCAL_WORLD_SIZE']} on this node)")
+    elif visible and int(env["LOCAL_RANK"]) < len(visible):
+        local = env["LOCAL_RANK"]
+        notes.append(f"task {local} of {env['LOCAL_WORLD_SIZE']} on this node uses cuda:{local} "
+                     f"= GPU {visible[int(local)]} of CUDA_VISIBLE_DEVICES={','.join(visible)}")
     return notes
+
+
+def node_local_rank(default: int = 0) -> tuple[int, int]:
+    """(rank among this node's processes, their count), which is not always the device index: under
+    `srun --gpus-per-task=1` every task's GPU is its cuda:0 (LOCAL_RANK=0), yet SLURM_LOCALID tells which
+    one task of the node comes first. `default` is the rank when no launcher variable says."""
+    env = os.environ
+    rank = env.get("TRAIN_LOCAL_RANK", env.get("LOCAL_RANK", ""))
+    world = env.get("TRAIN_LOCAL_WORLD_SIZE", env.get("LOCAL_WORLD_SIZE", "1"))
+    return (int(rank) if rank.isdigit() else default), (int(world) if world.isdigit() else 1)
 
 
 def slurm_port(job_id) -> int:

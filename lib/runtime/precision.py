@@ -8,7 +8,8 @@
 Mixed precision is ours, not Accelerate's: torch.autocast + torch.amp.GradScaler, so fp16 works (and
 is tested) on CPU too, and the AMP order stays visible in the scripts. Accelerate silently runs fp32
 when asked for fp16 on a CPU (accelerator.py, `self.device.type != "cpu"`); we do not. Under
-DeepSpeed its engine does the scaling, the clipping and the step.
+DeepSpeed its engine does the scaling, the clipping and the step, and our autocast still runs the
+forward (its bf16/fp16 blocks cast the weights, not the batch; issue 15).
 """
 import os
 
@@ -47,8 +48,11 @@ class MixedPrecision:
         self.skipped_steps = 0              # updates skipped for a non-finite gradient (on_nonfinite=skip)
 
     def autocast(self):
-        """Mixed-precision forward context (a no-op for precision 'no' and under DeepSpeed)."""
-        enabled = self.amp_dtype is not None and not self.deepspeed
+        """Mixed-precision forward context (a no-op for precision 'no'). Under DeepSpeed too: its bf16 /
+        fp16 blocks cast the parameters but not the inputs (its fp16 `auto_cast` casts only fp32 inputs
+        to fp16, and bf16 has no such option), so fp32 batches meet low-precision weights; autocast
+        runs each op in the parameters' dtype, as Accelerate's autocast does without DeepSpeed."""
+        enabled = self.amp_dtype is not None
         return self.torch.autocast(self.device.type, dtype=self.amp_dtype or self.torch.float32, enabled=enabled)
 
     def backward(self, loss):
