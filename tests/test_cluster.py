@@ -219,6 +219,19 @@ def test_shell_scripts_pass_bash_n_and_shellcheck():
     assert "CONFIG=${CONFIG:-configs/dcgan.yaml}" in (REPO / "slurm/gan.sh").read_text()
 
 
+def _killed_after_step_6_then_resumed(cmd, cwd):
+    """Run `cmd` in `cwd` until step 6 (its step checkpoint at 4), kill -9 it there, run it again:
+    it must resume from step 4. Returns the resumed run's last.pt."""
+    proc = helpers.start(cmd, cwd, TRAIN_FAULT_PAUSE_AT_STEP=6)
+    try:
+        helpers.wait_for_step(cwd / "runs/default", 6, proc, timeout=200)
+    finally:
+        helpers.kill_tree(proc)
+    out = ok(helpers.run([str(c) for c in cmd], cwd, timeout=400))
+    assert "resumed from runs/default/checkpoints/step_00000004.pt at epoch 1, batch 4, step 4" in out
+    return state_dict(cwd / "runs/default/checkpoints/last.pt")
+
+
 @pytest.fixture(scope="module")
 def ddp_reference(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("ddp")
@@ -251,14 +264,7 @@ def test_deepspeed_zero_equals_ddp_under_torchrun_and_zero2_resumes(tmp_path, st
     cut.mkdir()
     cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--monitor-interval=0.5",
            REPO / "train.py", *SAME, ds, "checkpoint.every_steps=4", "train.log_every=1"]
-    proc = helpers.start(cmd, cut, TRAIN_FAULT_PAUSE_AT_STEP=6)
-    try:
-        helpers.wait_for_step(cut / "runs/default", 6, proc, timeout=200)
-    finally:
-        helpers.kill_tree(proc)
-    out = ok(helpers.run([str(c) for c in cmd], cut, timeout=400))
-    assert "resumed from runs/default/checkpoints/step_00000004.pt at epoch 1, batch 4, step 4" in out
-    resumed = state_dict(cut / "runs/default/checkpoints/last.pt")
+    resumed = _killed_after_step_6_then_resumed(cmd, cut)
     assert resumed["step"] == ckpt["step"]
     for k, v in ckpt["model"].items():
         assert torch.allclose(v, resumed["model"][k], atol=1e-7, rtol=0), k
@@ -282,14 +288,7 @@ def test_deepspeed_bf16_zero2_is_killed_mid_epoch_and_resumes_to_the_unbroken_we
     assert helpers.final_metrics(out)["val/acc"] > 0.5
     whole = state_dict(ref / "runs/default/checkpoints/last.pt")
     assert all(v.dtype == torch.bfloat16 for v in whole["model"].values())     # DeepSpeed's bf16 weights
-    proc = helpers.start(cmd, cut, TRAIN_FAULT_PAUSE_AT_STEP=6)
-    try:
-        helpers.wait_for_step(cut / "runs/default", 6, proc, timeout=200)
-    finally:
-        helpers.kill_tree(proc)
-    out = ok(helpers.run([str(c) for c in cmd], cut, timeout=400))
-    assert "resumed from runs/default/checkpoints/step_00000004.pt at epoch 1, batch 4, step 4" in out
-    resumed = state_dict(cut / "runs/default/checkpoints/last.pt")
+    resumed = _killed_after_step_6_then_resumed(cmd, cut)
     assert resumed["step"] == whole["step"]
     for k, v in whole["model"].items():
         assert torch.allclose(v.float(), resumed["model"][k].float(), atol=1e-6, rtol=0), k
