@@ -16,9 +16,6 @@ DEFAULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "
 
 def main(cfg):
     """Train the generator and discriminator that `cfg` describes; returns the final statistics."""
-    import torch
-    import torch.nn.functional as F
-
     from lib import engine, gan, optim, runlog, startup
 
     # 1) Check the config before touching data or files.
@@ -29,9 +26,13 @@ def main(cfg):
     #    broadcast batch-norm buffers during forward (pytorch#22095): each rank keeps its own.
     rt, run, data = startup.start(cfg, broadcast_buffers=False)
 
-    # 3) Build G and D (same init on every rank), their optimizers, the EMA and the fixed noise.
+    # 3) Build G and D (same init on every rank), their optimizers and schedules, the EMA and the
+    #    fixed noise.
     g, d = gan.build_models(cfg, data)
     opt_g, opt_d = optim.build_optimizer(cfg.optim, g), optim.build_optimizer(cfg.optim, d)
+    updates_per_epoch, total_updates = engine.count_updates(len(data.train), cfg.train)
+    schedulers = [optim.build_scheduler(cfg.sched, opt, steps_per_epoch=updates_per_epoch, total_steps=total_updates)
+                  for opt in (opt_g, opt_d)] if cfg.sched.name != "none" else []
     g, opt_g = rt.prepare(g, opt_g, compile=cfg.train.compile, channels_last=cfg.train.channels_last)
     d, opt_d = rt.prepare(d, opt_d, compile=cfg.train.compile, channels_last=cfg.train.channels_last)
     ema = gan.make_ema(cfg.gan, rt.unwrap(g))
@@ -42,7 +43,8 @@ def main(cfg):
     state = engine.LoopState()
     objects = {"generator": rt.unwrap(g), "discriminator": rt.unwrap(d), "optimizer_g": opt_g,
                "optimizer_d": opt_d, "scaler": rt.scaler, "fixed_noise": fixed_noise,
-               **({"ema": ema} if ema is not None else {})}
+               **({"ema": ema} if ema is not None else {}),
+               **({"scheduler_g": schedulers[0], "scheduler_d": schedulers[1]} if schedulers else {})}
     if run.restore(objects, state):
         rt.print0(f"resumed from {run.resumed_from} at epoch {state.epoch + 1}, step {state.step}")
     run.create(rt.env_info())
@@ -51,39 +53,9 @@ def main(cfg):
     grids = gan.Grids(run.dir / "samples", data.transform, rt)
     grids.save_reals(data.train)
 
-    # 5) Train. (1) D learns real -> 1 and detached fake -> 0; (2) G learns to make D say 1 on its
-    #    fakes (the non-saturating loss). Both under autocast; fp16 scales each backward and updates
-    #    the scale once per iteration, after both optimizer steps.
-    real_label = cfg.gan.real_label
-
-    def gan_step(real, _, micro):
-        b = real.shape[0]
-        z = torch.randn(b, cfg.gan.latent_dim, 1, 1, device=rt.device)
-        ones = torch.full((b,), real_label, device=rt.device)
-        zeros = torch.zeros(b, device=rt.device)
-        with rt.autocast():
-            fake = g(z)                                          # (B, C, H, W)
-            d_real = d(real)                                     # (B,) logits
-            d_fake = d(fake.detach())
-            loss_d = F.binary_cross_entropy_with_logits(d_real.float(), ones) + \
-                F.binary_cross_entropy_with_logits(d_fake.float(), zeros)
-        opt_d.zero_grad(set_to_none=True)
-        rt.backward(loss_d)
-        rt.step(opt_d, update_scale=False)
-
-        with rt.autocast():
-            d_fake_for_g = d(fake)
-            loss_g = F.binary_cross_entropy_with_logits(d_fake_for_g.float(), torch.ones_like(ones))
-        opt_g.zero_grad(set_to_none=True)
-        rt.backward(loss_g)
-        rt.step(opt_g)
-        if ema is not None:
-            ema.update(rt.unwrap(g))
-        return {"loss_D": loss_d.detach() * b, "loss_G": loss_g.detach() * b,
-                "D_x": torch.sigmoid(d_real.detach().float()).sum(),              # D on reals
-                "D_G_z1": torch.sigmoid(d_fake.detach().float()).sum(),           # D on fakes, before D's step
-                "D_G_z2": torch.sigmoid(d_fake_for_g.detach().float()).sum(),     # D on fakes, after D's step
-                "count": b}
+    # 5) Train: lib/gan.py's step (D on real and fake, then G through a frozen D), run by
+    #    engine.fit's loop of epochs and checkpoints; a sample grid every gan.sample_every steps.
+    gan_step = gan.make_gan_step(g, d, opt_g, opt_d, rt, cfg, ema, schedulers)
 
     def on_update(state):
         if state.step % cfg.gan.sample_every == 0:

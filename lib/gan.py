@@ -1,5 +1,6 @@
 """What gan_train.py needs besides the shared pieces: its pre-flight checks, building G and D, the
-fixed noise, sample grids, and sampling N images from a checkpoint."""
+GAN step, the fixed noise, sample grids, and sampling N images from a checkpoint."""
+import contextlib
 import math
 from pathlib import Path
 
@@ -81,6 +82,72 @@ def build_models(cfg, data) -> tuple[torch.nn.Module, torch.nn.Module]:
         apply_init(generator, cfg.model.init)
         apply_init(discriminator, cfg.model.init)
     return generator, discriminator
+
+
+def make_gan_step(g, d, opt_g, opt_d, rt, cfg, ema=None, schedulers=()):
+    """The DCGAN step `step(real, _, micro)` for engine.fit: (1) D learns real -> 1 and detached
+    fake -> 0; (2) G learns to make D say 1 on its fakes (the non-saturating loss). Both under
+    autocast; fp16 scales each backward and updates the scale once, after both optimizer steps.
+
+    G's backward runs through D with D's parameters frozen and DDP's gradient sync off, so D computes
+    no weight gradients there and no D gradients cross the network (only G's do): without this each
+    iteration all-reduced D's gradients twice. train.clip_grad_norm clips each network's unscaled
+    gradients before its step; `schedulers` (G's and D's) step once per iteration.
+    """
+    import torch.nn.functional as F
+    latent, real_label, clip = cfg.gan.latent_dim, cfg.gan.real_label, cfg.train.clip_grad_norm
+    d_params = [p for p in rt.unwrap(d).parameters() if p.requires_grad]
+    g_params = [p for p in rt.unwrap(g).parameters() if p.requires_grad]
+
+    def step(real, _, micro):
+        b = real.shape[0]
+        z = torch.randn(b, latent, 1, 1, device=rt.device)
+        ones = torch.full((b,), real_label, device=rt.device)
+        zeros = torch.zeros(b, device=rt.device)
+        with rt.autocast():
+            fake = g(z)                                          # (B, C, H, W)
+            d_real = d(real)                                     # (B,) logits
+            d_fake = d(fake.detach())
+            loss_d = F.binary_cross_entropy_with_logits(d_real.float(), ones) + \
+                F.binary_cross_entropy_with_logits(d_fake.float(), zeros)
+        opt_d.zero_grad(set_to_none=True)
+        rt.backward(loss_d)
+        if clip:
+            rt.clip_grad_norm_(opt_d, d_params, clip)
+        rt.step(opt_d, update_scale=False)
+
+        with rt.no_sync(d, skip_sync=True), frozen(d_params):
+            with rt.autocast():
+                d_fake_for_g = d(fake)
+                loss_g = F.binary_cross_entropy_with_logits(d_fake_for_g.float(), torch.ones_like(ones))
+            opt_g.zero_grad(set_to_none=True)
+            rt.backward(loss_g)
+        if clip:
+            rt.clip_grad_norm_(opt_g, g_params, clip)
+        rt.step(opt_g)
+        for scheduler in schedulers:
+            scheduler.step()
+        if ema is not None:
+            ema.update(rt.unwrap(g))
+        return {"loss_D": loss_d.detach() * b, "loss_G": loss_g.detach() * b,
+                "D_x": torch.sigmoid(d_real.detach().float()).sum(),              # D on reals
+                "D_G_z1": torch.sigmoid(d_fake.detach().float()).sum(),           # D on fakes, before D's step
+                "D_G_z2": torch.sigmoid(d_fake_for_g.detach().float()).sum(),     # D on fakes, after D's step
+                "count": b}
+
+    return step
+
+
+@contextlib.contextmanager
+def frozen(params):
+    """Parameters that take no gradient inside the block (their requires_grad is put back after)."""
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def make_ema(gan_cfg, generator: torch.nn.Module):

@@ -20,6 +20,19 @@ def test_precedence_defaults_file_overrides(tmp_path):
     assert cfg._origins["optim.lr"] == "the command line" and cfg._origins["optim.name"] == str(f)
 
 
+def test_another_optimizer_drops_the_script_defaults_options():
+    """gan_train.py's defaults give Adam's betas; optim.name=sgd on the command line drops them (they
+    belong to the default's choice) instead of refusing a key the user never set."""
+    defaults = {"optim": {"name": "adam", "lr": 2e-4, "betas": [0.5, 0.999]}}
+    sgd = config.load(config.GanConfig, None, ["optim.name=sgd", "optim.momentum=0.9"], script_defaults=defaults)
+    assert sgd.optim.extra == {"momentum": 0.9} and sgd.optim.lr == 2e-4 and "optim.betas" not in sgd._origins
+    adam = config.load(config.GanConfig, None, ["optim.lr=1e-3"], script_defaults=defaults)
+    assert adam.optim.extra == {"betas": [0.5, 0.999]}
+    kept = config.load(config.GanConfig, None, ["optim.name=adamw", "optim.betas=[0.9, 0.95]"],
+                       script_defaults=defaults)
+    assert kept.optim.extra == {"betas": [0.9, 0.95]}
+
+
 def test_open_sections_collect_builder_arguments(cfg_of):
     cfg = cfg_of("optim.name=sgd", "optim.momentum=0.9", "loss.label_smoothing=0.1", "model.hidden=[64, 32]")
     assert cfg.optim.extra == {"momentum": 0.9}

@@ -285,6 +285,18 @@ def test_evaluation_shards_count_every_sample_once():
         assert sorted(torch.cat(shards).tolist()) == list(range(n))
 
 
+def test_memory_loader_keeps_one_copy_of_the_data():
+    """Issue #15 item 7: the memory loader moves the split's own tensors to the device (meta here, a
+    GPU in use) instead of keeping the host copy beside a device copy."""
+    from lib.data.loaders import MemoryLoader
+    from lib.data.spec import Split
+    split = Split(torch.zeros(10, dtype=torch.long), torch.zeros(10, 1, 4, 4, dtype=torch.uint8))
+    loader = MemoryLoader(split, batch_size=4, transform=None, device=torch.device("meta"), rank=0, world=1,
+                          seed=0, shuffle=False, train=False)
+    assert split.x.device.type == split.y.device.type == "meta"
+    assert loader.x is split.x and loader.y is split.y
+
+
 def test_loader_resumes_mid_epoch_with_the_same_batches(tmp_path):
     data = build_data(data_cfg(tmp_path, "data.batch_size=64", "data.augment=crop"))
     data.train.set_epoch(2)

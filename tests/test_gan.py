@@ -1,6 +1,8 @@
 """gan_train.py: G/D shapes, a tiny run's files, two processes with a batch-norm D, sampling from a
-checkpoint, and the DeepSpeed refusal. (Exact resume after SIGKILL, fixed noise included, is in
-tests/test_faults.py.)"""
+checkpoint, the step's traffic under DDP, schedules and clipping, and the DeepSpeed refusal. (Exact
+resume after SIGKILL, fixed noise included, is in tests/test_faults.py.)"""
+import math
+
 import pytest
 import torch
 
@@ -154,6 +156,33 @@ def test_two_processes_with_a_batch_norm_discriminator(two_process_run):
     assert "DDP, 2 process(es)" in out
     ckpt = _check_run(cwd / "runs/dcgan_digits", 10)
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+
+
+def test_d_gradients_cross_the_network_once_per_step(tmp_path):
+    """Issue #15 item 7: G's backward runs through D with D frozen and DDP's sync off, so D's gradients
+    are all-reduced once per step (its own), not twice, and D's gradients stay equal on every rank."""
+    out = ok(torchrun("tests/gan_probe.py", cwd=tmp_path))
+    for rank in (0, 1):
+        line = next(s for s in out.splitlines() if s.startswith(f"rank {rank}/2:"))
+        assert "D sent 3 all-reduces" in line and "1 x its gradients per step" in line, line
+        assert "G sent 3 " in line and "weights agree: True; D gradients agree: True" in line, line
+
+
+def test_schedule_and_gradient_clipping_apply_to_both_networks(tmp_path):
+    """sched and train.clip_grad_norm are not ignored: both optimizers follow the cosine schedule (saved
+    and restored with the run), and with a clip of 1e-8 and plain SGD each step moves each network's
+    parameters by lr x 1e-8 at most."""
+    keys = ["optim.name=sgd", "optim.lr=0.1", "optim.momentum=0", "sched.name=cosine", "train.clip_grad_norm=1e-8",
+            "checkpoint.every_steps=1", "checkpoint.keep_last=5", "log.plots=false"]
+    ok(script("gan_train.py", *TINY[:-1], "train.max_steps=4", *keys, cwd=tmp_path))
+    ckpts = [state_dict(tmp_path / f"runs/dcgan_digits/checkpoints/step_{k:08d}.pt") for k in (1, 2)]
+    for opt in ("optimizer_g", "optimizer_d"):
+        lrs = [c[opt]["param_groups"][0]["lr"] for c in ckpts]
+        assert lrs == pytest.approx([0.1 * (1 + math.cos(math.pi * k / 4)) / 2 for k in (1, 2)]), lrs
+    assert ckpts[1]["scheduler_g"]["last_epoch"] == ckpts[1]["scheduler_d"]["last_epoch"] == 2
+    for net, model in (("generator", Generator(16, 1, 32, 8)), ("discriminator", Discriminator(1, 32, 8))):
+        moved = torch.cat([(ckpts[1][net][n] - ckpts[0][net][n]).flatten() for n, _ in model.named_parameters()])
+        assert 0 < float(moved.norm()) <= 0.1 * 1e-8 * 1.01, (net, float(moved.norm()))
 
 
 def test_sample_n_images_from_a_checkpoint(tiny_run):

@@ -31,10 +31,26 @@ def load(schema: type[C], path: Optional[Union[str, Path]] = None, overrides: It
     for item in overrides:
         key, value = parse_override(item)
         _merge(cfg, _nest(key, value), "", "the command line", origins, schema)
+    if script_defaults:
+        _drop_other_choices_extras(cfg, script_defaults, origins)
     cfg._origins = origins
     cfg._file = str(path) if path else None
     check_values(cfg)
     return cfg
+
+
+def _drop_other_choices_extras(cfg, script_defaults, origins):
+    """A script's defaults may give options of its own choice (gan_train.py: optim.betas for Adam);
+    when the user picks another name (optim.name=sgd), those options are dropped, not refused."""
+    for section in ("optim", "sched", "loss"):
+        default_name = (script_defaults.get(section) or {}).get("name")
+        sec = getattr(cfg, section, None)
+        if default_name is None or sec is None or sec.name == default_name:
+            continue
+        for key in list(sec.extra):
+            if origins.get(f"{section}.{key}") == "the script defaults":
+                del sec.extra[key]
+                del origins[f"{section}.{key}"]
 
 
 def from_dict(schema: type[C], data: dict, source: str = "a checkpoint") -> C:

@@ -65,12 +65,14 @@ class _Loader:
 
 
 class MemoryLoader(_Loader):
-    """Batches sliced from tensors that live on the training device."""
+    """Batches sliced from tensors that live on the training device (the split's own tensors, moved
+    there: one copy of the dataset, not a host copy beside a device copy)."""
 
     def __init__(self, split, **kw):
         super().__init__(len(split), **kw)
-        self.x = split.x.to(self.device)
-        self.y = split.y.to(self.device)
+        # The split itself moves to the device, so no host copy of the dataset stays beside it.
+        split.x, split.y = split.x.to(self.device), split.y.to(self.device)
+        self.x, self.y = split.x, split.y
 
     def __iter__(self):
         idx = self.indices().to(self.device)
