@@ -49,8 +49,11 @@ def agree(tensors):
 weights = agree(list(g_raw.parameters()) + list(d_raw.parameters()))
 d_grads = agree([p.grad for p in d_raw.parameters()])
 d_bytes = sum(p.numel() * p.element_size() for p in d_raw.parameters())
-print(f"rank {rt.rank}/{rt.world_size}: {STEPS} steps; D sent {sent['D'][0]} all-reduces ({sent['D'][1]} bytes, "
-      f"{sent['D'][1] / (STEPS * d_bytes):g} x its gradients per step); G sent {sent['G'][0]} ({sent['G'][1]} bytes); "
-      f"weights agree: {weights}; D gradients agree: {d_grads}", flush=True)
+line = (f"rank {rt.rank}/{rt.world_size}: {STEPS} steps; D sent {sent['D'][0]} all-reduces ({sent['D'][1]} bytes, "
+        f"{sent['D'][1] / (STEPS * d_bytes):g} x its gradients per step); G sent {sent['G'][0]} ({sent['G'][1]} "
+        f"bytes); weights agree: {weights}; D gradients agree: {d_grads}")
+lines = rt.gather_object(line)                         # printed by rank 0 alone: no interleaved lines
+if rt.rank == 0:
+    print("\n".join(lines), flush=True)
 rt.shutdown()
 runtime.exit_now(0)
