@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from lib.data.cache import disk_cached
-from lib.data.loaders import FileDataset, FileLoader, MemoryLoader, TensorItems, collate
+from lib.data.loaders import FileDataset, FileLoader, MemoryLoader, TensorItems, collate, ignore_stop_signals
 from lib.data.sources import DATASETS
 from lib.data.spec import DataSpec, Split
 from lib.data.transforms import BatchTransform
@@ -118,7 +118,8 @@ def _decode_to_memory(split, spec, d, rt, tag):
     """Decode every file of a split once (in parallel workers), skipping or reporting bad ones."""
     def build():
         ds = FileDataset(split, spec)
-        dl = torch.utils.data.DataLoader(ds, batch_size=64, num_workers=d.num_workers, collate_fn=collate)
+        dl = torch.utils.data.DataLoader(ds, batch_size=64, num_workers=d.num_workers, collate_fn=collate,
+                                         worker_init_fn=ignore_stop_signals)
         xs, ys, bad = [], [], []
         for x, y, b in dl:
             bad += b

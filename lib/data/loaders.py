@@ -9,6 +9,7 @@ mid-epoch at any batch (exact resume), shard evaluation without padding so every
 counts exactly once (pytorch#25162), and run the device-side BatchTransform on each batch.
 """
 import math
+import signal
 import weakref
 
 import torch
@@ -33,6 +34,20 @@ def shard_indices(n, *, epoch, seed, shuffle, train, rank, world):
     if train:
         order = order[: n - n % world]
     return order[rank::world]
+
+
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGHUP")
+
+
+def ignore_stop_signals(worker_id=None):
+    """worker_init_fn of every DataLoader: a worker ignores the stop signals. SLURM and `kill -- -PGID`
+    signal the whole process group, workers included; a worker that died of SIGTERM made the main
+    process fail with "DataLoader worker ... is killed by signal" before it could write its stop
+    checkpoint. The main process owns shutdown: it stops at the next step boundary and ends the
+    workers itself (they also exit when it is gone)."""
+    for name in STOP_SIGNALS:
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 class _Loader:
@@ -149,7 +164,7 @@ class FileLoader(_Loader):
         self.dataloader = torch.utils.data.DataLoader(
             dataset, batch_size=self.batch_size, sampler=_ShardSampler(self), num_workers=num_workers,
             collate_fn=collate, pin_memory=cuda, persistent_workers=num_workers > 0,
-            prefetch_factor=4 if num_workers > 0 else None)
+            prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=ignore_stop_signals)
 
     def __iter__(self):
         b = self.start

@@ -95,8 +95,12 @@ def fault_pause_step(rank):
 
 def pause_for_fault_test(rank, received):
     """Hold this process until a signal arrives (`received()` returns its name), then exit with
-    128 + that signal's number, as if it had killed the process."""
+    128 + that signal's number, as if it had killed the process; or, with TRAIN_FAULT_PAUSE_THEN=
+    continue, go on training, so the stop signal takes its normal course at the next step boundary
+    (while the DataLoader workers, signalled too, are still needed)."""
     print(f"[rank {rank}] paused for a fault test (TRAIN_FAULT_PAUSE_AT_STEP)", flush=True)
     while received() is None:     # a launcher's SIGTERM ends the pause (and the process)
         time.sleep(0.05)
+    if os.environ.get("TRAIN_FAULT_PAUSE_THEN") == "continue":
+        return
     os._exit(128 + signal.Signals[received()].value)

@@ -1,0 +1,127 @@
+"""Exact on every data path: a stop signal sent to the whole process group (DataLoader workers
+included) under torchrun and under the SLURM template, kill -9 on the file path with and without
+workers, augmentation on; the resumed run always ends bit-identical to the unbroken one."""
+import os
+import random
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+import helpers
+from helpers import PY, REPO, read_jsonl, state_dict
+
+QUIET = ["log.plots=false", "log.progress=false"]
+# A small file-path run: ~100 training images, 2 processes x 8 per batch -> 6-7 steps an epoch, 2 epochs.
+FILES = ["model.name=mlp", "model.hidden=[32]", "data.image_size=16",
+         "data.batch_size=8", "data.augment=crop_flip", "data.loader=dataloader", "data.num_workers=2",
+         "data.cache=false", "train.epochs=2", "train.log_every=1", "checkpoint.every_steps=2", "name=run", *QUIET]
+TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--monitor-interval=0.5"]
+
+
+def _data_args(root, kind):
+    if kind == "image_folder":
+        folder = helpers.write_image_folder(root / "folder", n=128, size=16, split=True)
+        return ["data.name=image_folder", f"data.images={folder}"]
+    folder = helpers.write_image_csv(root / "csv", n=128, size=16, channels=3)
+    return ["data.name=image_csv", f"data.images={folder / 'images'}", f"data.csv={folder / 'labels.csv'}"]
+
+
+def _same_run(a_dir, b_dir):
+    """Bit-identical weights and optimizer state, and the same loss at every step."""
+    a, b = (state_dict(d / "runs/run/checkpoints/last.pt") for d in (a_dir, b_dir))
+    assert a["step"] == b["step"]
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    losses = [[(r["step"], r["train/loss"]) for r in read_jsonl(d / "runs/run/metrics.jsonl") if "train/loss" in r]
+              for d in (a_dir, b_dir)]
+    assert losses[0] == losses[1]
+
+
+_REFERENCES = {}
+
+
+def _reference(kind, tmp_path_factory):
+    """(data args, folder of the unbroken 2-process torchrun run) for a file-path dataset kind, made once."""
+    if kind not in _REFERENCES:
+        root = tmp_path_factory.mktemp(kind)
+        args = _data_args(root, kind)
+        ref = root / "reference"
+        ref.mkdir()
+        proc = helpers.start([*TORCHRUN, REPO / "train.py", *FILES, *args], ref)
+        out = proc.communicate(timeout=300)[0]
+        assert proc.returncode == 0, out[-3000:]
+        assert state_dict(ref / "runs/run/checkpoints/last.pt")["step"] in (12, 14)   # 6 or 7 steps an epoch
+        _REFERENCES[kind] = args, ref
+    return _REFERENCES[kind]
+
+
+@pytest.fixture(scope="module", params=["image_folder", "image_csv"])
+def files_reference(request, tmp_path_factory):
+    return _reference(request.param, tmp_path_factory)
+
+
+def test_sigterm_to_the_process_group_stops_cleanly_with_loader_workers(files_reference, tmp_path):
+    """Issue #16 item 1: SIGTERM to every process of a torchrun job (as SLURM or `kill -- -PGID` sends
+    it), DataLoader workers included: the workers ignore it, each rank finishes the step it is in,
+    writes the stop checkpoint there and exits 0; no worker traceback. The resumed run ends
+    bit-identical to the unbroken one."""
+    args, ref = files_reference
+    cmd = [*TORCHRUN, REPO / "train.py", *FILES, *args]
+    proc = helpers.start(cmd, tmp_path, TRAIN_FAULT_PAUSE_AT_STEP=3, TRAIN_FAULT_PAUSE_THEN="continue")
+    helpers.wait_for_step(tmp_path / "runs/run", 3, proc)      # mid-epoch, the workers' queues full
+    os.killpg(proc.pid, signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert "stopped by SIGTERM at epoch 1, step 4; checkpoint written" in out, out[-3000:]
+    assert "is killed by signal" not in out and "DataLoader worker" not in out, out[-3000:]
+    # The one traceback is torchrun's own (its agent raises SignalException on SIGTERM and exits 1).
+    assert out.count("Traceback") == out.count("SignalException: Process") <= 1, out[-3000:]
+    assert not re.search(r"exitcode\s*:\s*[1-9]", out), out[-3000:]      # no rank failed
+    stopped = state_dict(tmp_path / "runs/run/checkpoints/last.pt")
+    assert stopped["step"] == 4 and stopped["batch"] == 4 and stopped["epoch"] == 0   # the stop step, mid-epoch
+    again = helpers.start(cmd, tmp_path)
+    out = again.communicate(timeout=300)[0]
+    assert again.returncode == 0, out[-3000:]
+    assert "resumed from" in out and "step 4" in out.split("resumed from")[1].splitlines()[0]
+    _same_run(ref, tmp_path)
+
+
+def test_slurm_usr1_to_the_job_with_loader_workers_requeues_and_resumes_exactly(tmp_path, tmp_path_factory):
+    """The same through slurm/train.sh under the scontrol/srun shims (2 nodes x 1 process): SIGUSR1 to
+    every process of the job (workers included), a stop checkpoint at the next step, `scontrol
+    requeue`, and the requeued job ends bit-identical to the unbroken run."""
+    args, ref = _reference("image_folder", tmp_path_factory)
+    job = str(random.randint(100000, 999999))
+    env = dict(PATH=f"{REPO / 'tests/shims'}:{os.environ['PATH']}", SHIM_LOG=tmp_path / "shim.log", SHIM_DIR=tmp_path,
+               SHIM_NODES=2, SLURM_JOB_ID=job, SLURM_JOB_NODELIST="node[1-2]", SLURM_JOB_NUM_NODES=2,
+               SLURM_SUBMIT_DIR=REPO, GPUS_PER_NODE=1, PYTHON=PY, OMP_NUM_THREADS=1,   # torchrun's threads
+               OVERRIDES=" ".join([f"output_dir={tmp_path / 'runs'}", *FILES, *args]))
+
+    def sbatch(**extra):
+        return subprocess.Popen(["bash", str(REPO / "slurm/train.sh")], env=helpers.env(**env, **extra),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    proc = sbatch(TRAIN_FAULT_PAUSE_AT_STEP=3, TRAIN_FAULT_PAUSE_THEN="continue")
+    try:
+        helpers.wait_for_step(tmp_path / "runs/run", 3, proc)
+        time.sleep(0.5)                                          # every rank is in its pause
+        os.killpg(proc.pid, signal.SIGUSR1)                      # the whole job, DataLoader workers too
+        out = proc.communicate(timeout=180)[0]
+    finally:
+        helpers.kill_tree(proc)
+    node0 = (tmp_path / "node0.log").read_text() + (tmp_path / "node1.log").read_text()
+    assert proc.returncode == 0, out[-2000:] + node0[-3000:]
+    assert "training stopped cleanly: stopped by SIGUSR1 at step 4" in out, out[-2000:]
+    assert "is killed by signal" not in node0 and "DataLoader worker" not in node0, node0[-3000:]
+    assert f"scontrol requeue {job}" in (tmp_path / "shim.log").read_text()
+    assert state_dict(tmp_path / "runs/run/checkpoints/last.pt")["step"] == 4
+    proc = sbatch()                                               # the requeued job
+    try:
+        out = proc.communicate(timeout=300)[0]
+    finally:
+        helpers.kill_tree(proc)
+    assert proc.returncode == 0, out[-3000:]
+    _same_run(ref, tmp_path)
