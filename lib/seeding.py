@@ -5,6 +5,7 @@ run draws from, and a block that draws from its own seed without disturbing the 
     seed_everything(seed + rank)        # python, numpy, torch
     state = rng_state(device); set_rng_state(state, device)   # checkpointable (weights_only=True)
     with seeded(seed): model = build()  # identical weights on every rank; the global stream goes on
+    sample_bits(key, ids, stream)       # per-sample random 32-bit ints = f(key, sample index, stream)
 """
 import contextlib
 import hashlib
@@ -13,10 +14,35 @@ import random
 
 
 def stable_seed(*parts) -> int:
-    """A 63-bit seed from any tuple of ints/strings (data order = f(seed, epoch), augmentation =
-    f(seed, epoch, batch, rank)); unlike hash(), the same in every process and Python version."""
+    """A 63-bit seed from any tuple of ints/strings (data order = f(seed, epoch), augmentation key =
+    f(seed, epoch)); unlike hash(), the same in every process and Python version."""
     digest = hashlib.sha256(json.dumps(parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x):
+    """A 32-bit integer hash (xorshift-multiply, Wellons' `lowbias32` family) of an int64 tensor
+    holding values < 2**32; every product stays below 2**59, so int64 never overflows."""
+    x = x ^ (x >> 16)
+    x = (x * 0x45D9F3B) & _M32
+    x = x ^ (x >> 16)
+    x = (x * 0x45D9F3B) & _M32
+    return x ^ (x >> 16)
+
+
+def sample_bits(key: int, ids, stream: int):
+    """Random 32-bit ints (int64 tensor, on ids' device), one per sample index in `ids`: a pure
+    function of (key, index, stream). Augmentation draws from it, so a sample is augmented the same
+    way whatever batch, rank, worker count or world size it falls in, and a resumed run draws what
+    the unbroken one drew."""
+    import torch
+    x = ids.to(dtype=torch.int64) & _M32
+    for word in (key & _M32, (key >> 32) & _M32, stream & _M32):
+        x = _mix32(x ^ word)
+    return x
 
 
 def seed_everything(seed: int) -> None:

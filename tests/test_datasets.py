@@ -1,5 +1,6 @@
 """Every dataset through files in its real on-disk format, the loaders' sharding and exactness, and
 bad data reported with the file / line it comes from."""
+import contextlib
 import gzip
 import os
 import time
@@ -295,6 +296,42 @@ def test_memory_loader_keeps_one_copy_of_the_data():
                           seed=0, shuffle=False, train=False)
     assert split.x.device.type == split.y.device.type == "meta"
     assert loader.x is split.x and loader.y is split.y
+
+
+def _augmented_by_sample(loader, epoch):
+    """{sample index: its augmented training image} over one epoch of a loader."""
+    loader.set_epoch(epoch)
+    ids = loader.indices().tolist()
+    out = {}
+    for b, (x, _) in enumerate(loader):
+        for j, img in enumerate(x):
+            out[ids[b * loader.batch_size + j]] = img
+    return out
+
+
+@pytest.mark.parametrize("loader", ["memory", "dataloader"])
+def test_augmentation_is_a_function_of_the_sample_not_of_its_batch_rank_or_world(tmp_path, loader):
+    """Issue #16 items 3 and 5: each sample's crop and flip depend on (seed, epoch, sample index) only,
+    so 1 process with batch 16 and each rank of 2 processes with batch 8 (or 2 workers) augment every
+    sample identically, and a resumed or re-sharded run draws what the unbroken one drew."""
+    from types import SimpleNamespace
+    root = helpers.write_image_folder(tmp_path / "folder", n=80, size=16, split=False)
+    args = ["data.name=image_folder", f"data.images={root}", "data.image_size=16", "data.augment=crop_flip",
+            f"data.loader={loader}", f"data.num_workers={2 if loader == 'dataloader' else 0}"]
+    one = _augmented_by_sample(build_data(data_cfg(tmp_path, *args, "data.batch_size=16")).train, epoch=1)
+    two = {}
+    for rank in (0, 1):
+        rt = SimpleNamespace(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"),
+                             main_process_first=contextlib.nullcontext)
+        two.update(_augmented_by_sample(build_data(data_cfg(tmp_path, *args, "data.batch_size=8"), rt).train, 1))
+    assert len(one) == len(two) == 64 and one.keys() == two.keys()   # the 80 images less the val split
+    assert all(torch.equal(one[i], two[i]) for i in one)
+    plain = build_data(data_cfg(tmp_path, *args, "data.batch_size=16", "data.augment=none")).train
+    unaugmented = _augmented_by_sample(plain, epoch=1)
+    moved = sum(not torch.equal(one[i], unaugmented[i]) for i in one)
+    assert moved > 40                                  # augmentation really happens (a few draw no change)
+    other_epoch = _augmented_by_sample(build_data(data_cfg(tmp_path, *args, "data.batch_size=16")).train, epoch=2)
+    assert sum(not torch.equal(one[i], other_epoch[i]) for i in one) > 30     # and differs between epochs
 
 
 def test_loader_resumes_mid_epoch_with_the_same_batches(tmp_path):

@@ -121,7 +121,7 @@ def _decode_to_memory(split, spec, d, rt, tag):
         dl = torch.utils.data.DataLoader(ds, batch_size=64, num_workers=d.num_workers, collate_fn=collate,
                                          worker_init_fn=ignore_stop_signals)
         xs, ys, bad = [], [], []
-        for x, y, b in dl:
+        for x, y, _, b in dl:
             bad += b
             if x is not None:
                 xs.append(x)

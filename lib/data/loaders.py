@@ -75,8 +75,10 @@ class _Loader:
     def __len__(self):
         return math.ceil(self.samples_per_rank() / self.batch_size)
 
-    def augment_seed(self, batch):
-        return stable_seed("augment", self.seed, self.epoch, batch, self.rank) if self.train else None
+    def draw(self, ids):
+        """What the BatchTransform augments a training batch with: (the epoch's key, the batch's sample
+        indices); None for evaluation."""
+        return (stable_seed("augment", self.seed, self.epoch), ids) if self.train else None
 
 
 class MemoryLoader(_Loader):
@@ -94,7 +96,7 @@ class MemoryLoader(_Loader):
         start, self.start = self.start, 0
         for b in range(start, len(self)):
             sel = idx[b * self.batch_size:(b + 1) * self.batch_size]
-            yield self.transform(self.x.index_select(0, sel), self.augment_seed(b)), self.y.index_select(0, sel)
+            yield self.transform(self.x.index_select(0, sel), self.draw(sel)), self.y.index_select(0, sel)
 
 
 class TensorItems(torch.utils.data.Dataset):
@@ -107,11 +109,12 @@ class TensorItems(torch.utils.data.Dataset):
         return len(self.y)
 
     def __getitem__(self, i):
-        return self.x[i], self.y[i], None
+        return self.x[i], self.y[i], None, i
 
 
 class FileDataset(torch.utils.data.Dataset):
-    """Decodes one image file per item into uint8 (C, S, S); errors come back as values, not raises."""
+    """Decodes one image file per item into uint8 (C, S, S); errors come back as values, not raises.
+    An item is (image or None, label, error or None, sample index)."""
 
     def __init__(self, split, spec):
         self.files, self.y, self.size, self.channels = split.files, split.y, spec.size[0], spec.channels
@@ -121,19 +124,20 @@ class FileDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         try:
-            return decode_image(self.files[i], self.size, self.channels), int(self.y[i]), None
+            return decode_image(self.files[i], self.size, self.channels), int(self.y[i]), None, i
         except (OSError, ValueError, SyntaxError) as e:
-            return None, int(self.y[i]), f"{self.files[i]} ({type(e).__name__}: {e})"
+            return None, int(self.y[i]), f"{self.files[i]} ({type(e).__name__}: {e})", i
 
 
 def collate(items):
-    """(x, y, bad) of a batch of (image or None, label, error or None) items: the readable images stacked,
-    and the error texts of the unreadable ones."""
+    """(x, y, ids, bad) of a batch of (image or None, label, error or None, index) items: the readable
+    images, their labels and sample indices stacked, and the error texts of the unreadable ones."""
     good = [it for it in items if it[0] is not None]
     bad = [it[2] for it in items if it[0] is None]
     if not good:
-        return None, None, bad
-    return torch.stack([it[0] for it in good]), torch.stack([torch.as_tensor(it[1]) for it in good]), bad
+        return None, None, None, bad
+    return (torch.stack([it[0] for it in good]), torch.stack([torch.as_tensor(it[1]) for it in good]),
+            torch.tensor([it[3] for it in good], dtype=torch.int64), bad)
 
 
 class _ShardSampler(torch.utils.data.Sampler):
@@ -167,11 +171,10 @@ class FileLoader(_Loader):
             prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=ignore_stop_signals)
 
     def __iter__(self):
-        b = self.start
         # The sampler reads self.start when the first batch is asked for: at once with workers, but
         # only at the first next() without them. So the start is reset after the first batch (or
         # when the epoch had nothing left), not here.
-        for x, y, bad in self.dataloader:
+        for x, y, ids, bad in self.dataloader:
             self.start = 0
             if bad:
                 if self.on_bad_sample == "error":
@@ -183,8 +186,7 @@ class FileLoader(_Loader):
                 self.skipped += len(bad)
                 # Keep the batch size (and so every rank's step) unchanged: repeat good samples.
                 fill = torch.arange(len(bad)) % len(x)
-                x, y = torch.cat([x, x[fill]]), torch.cat([y, y[fill]])
+                x, y, ids = torch.cat([x, x[fill]]), torch.cat([y, y[fill]]), torch.cat([ids, ids[fill]])
             x = x.to(self.device, non_blocking=True)
-            yield self.transform(x, self.augment_seed(b)), y.to(self.device, non_blocking=True)
-            b += 1
+            yield self.transform(x, self.draw(ids)), y.to(self.device, non_blocking=True)
         self.start = 0

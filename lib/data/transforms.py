@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from lib.data.formats import decode_image
 from lib.errors import UserError
+from lib.seeding import sample_bits
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -20,8 +21,9 @@ class BatchTransform:
 
     When no resize or channel change is needed, augmentation runs on the uint8 bytes and conversion
     plus normalization is one fused pass (x * 1/(255 std) - mean/std); otherwise the float image is
-    converted, resized and augmented first. Augmentation is random per sample but drawn from a
-    generator seeded by (seed, epoch, batch, rank), so a resumed run draws what the first one drew.
+    converted, resized and augmented first. Augmentation is random per sample, each draw a function
+    of (seed, epoch, sample index) (lib/seeding.py's sample_bits): the same for a sample whatever
+    its batch, rank, worker count or world size, so a resumed run draws what the first one drew.
     """
 
     def __init__(self, spec, d, device, channels_last=False, channels=None):
@@ -44,18 +46,19 @@ class BatchTransform:
             self.scale = 1.0 / (255.0 * self.std)                  # bytes -> normalized, in one pass
             self.shift = -self.mean / self.std
 
-    def __call__(self, x, seed=None):
+    def __call__(self, x, draw=None):
+        """draw: (key, sample indices of the batch) for a training batch, None for evaluation."""
         if self.sequence:
             return x.float()
-        augment = seed is not None and self.augment != "none"
+        augment = draw is not None and self.augment != "none"
         if x.shape[1] == self.dst_channels and tuple(x.shape[2:]) == self.size:
             if augment:
-                x = self.random_augment(x, seed)                   # on the uint8 bytes
+                x = self.random_augment(x, *draw)                  # on the uint8 bytes
             x = x.float().mul_(self.scale).add_(self.shift)      # (x / 255 - mean) / std
         else:
             x = self.to_unit(x, scale=255.0)                       # float in 0..255, right size
             if augment:
-                x = self.random_augment(x, seed)
+                x = self.random_augment(x, *draw)
             x = x.mul_(self.scale).add_(self.shift)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -77,21 +80,22 @@ class BatchTransform:
                               antialias=x.shape[2] > self.size[0])
         return x
 
-    def random_augment(self, x, seed):
-        """Random crop with zero padding of size/8 (the CIFAR recipe), plus a horizontal flip."""
-        g = torch.Generator(device=x.device).manual_seed(seed)
+    def random_augment(self, x, key, ids):
+        """Random crop with zero padding of size/8 (the CIFAR recipe), plus a horizontal flip; sample
+        i's offsets and flip come from sample_bits(key, ids[i], stream)."""
         b, c, h, w = x.shape
         pad = max(1, h // 8)
+        ids = ids.to(x.device)
         padded = F.pad(x, (pad, pad, pad, pad))
-        dy = torch.randint(0, 2 * pad + 1, (b,), generator=g, device=x.device)
-        dx = torch.randint(0, 2 * pad + 1, (b,), generator=g, device=x.device)
+        dy = sample_bits(key, ids, 0) % (2 * pad + 1)
+        dx = sample_bits(key, ids, 1) % (2 * pad + 1)
         rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]      # (B, 1, H, 1)
         cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]      # (B, 1, 1, W)
         bi = torch.arange(b, device=x.device)[:, None, None, None]
         ci = torch.arange(c, device=x.device)[None, :, None, None]
         x = padded[bi, ci, rows, cols]
         if self.augment == "crop_flip":
-            flip = torch.rand(b, generator=g, device=x.device) < 0.5
+            flip = (sample_bits(key, ids, 2) >> 16) & 1 == 1
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
         return x
 
