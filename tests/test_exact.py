@@ -30,6 +30,34 @@ def _data_args(root, kind):
     return ["data.name=image_csv", f"data.images={folder / 'images'}", f"data.csv={folder / 'labels.csv'}"]
 
 
+def _wait_for_pauses(read_text, proc, ranks=2, timeout=120):
+    """Wait until every rank has printed that it holds in its fault-test pause (past the step's
+    stop-signal check), so a signal now is seen at the next step boundary on every rank."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError("the run ended before pausing")
+        if all(f"[rank {r}] paused for a fault test" in read_text() for r in range(ranks)):
+            return
+        time.sleep(0.1)
+    helpers.kill_tree(proc)
+    raise AssertionError(f"not every rank paused within {timeout}s")
+
+
+def _read_until_paused(proc, ranks=2, timeout=120):
+    """The launcher's output so far, read line by line until every rank holds in its pause."""
+    seen, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError("the run ended before pausing:\n" + "".join(seen)[-3000:])
+        seen.append(line)
+        if sum("paused for a fault test" in s for s in seen) == ranks:
+            return "".join(seen)
+    helpers.kill_tree(proc)
+    raise AssertionError(f"not every rank paused within {timeout}s")
+
+
 def _same_run(a_dir, b_dir):
     """Bit-identical weights and optimizer state, and the same loss at every step."""
     a, b = (state_dict(d / "runs/run/checkpoints/last.pt") for d in (a_dir, b_dir))
@@ -72,9 +100,9 @@ def test_sigterm_to_the_process_group_stops_cleanly_with_loader_workers(files_re
     args, ref = files_reference
     cmd = [*TORCHRUN, REPO / "train.py", *FILES, *args]
     proc = helpers.start(cmd, tmp_path, TRAIN_FAULT_PAUSE_AT_STEP=3, TRAIN_FAULT_PAUSE_THEN="continue")
-    helpers.wait_for_step(tmp_path / "runs/run", 3, proc)      # mid-epoch, the workers' queues full
+    before = _read_until_paused(proc)                          # mid-epoch, the workers' queues full
     os.killpg(proc.pid, signal.SIGTERM)
-    out = proc.communicate(timeout=120)[0]
+    out = before + proc.communicate(timeout=120)[0]
     assert "stopped by SIGTERM at epoch 1, step 4; checkpoint written" in out, out[-3000:]
     assert "is killed by signal" not in out and "DataLoader worker" not in out, out[-3000:]
     # The one traceback is torchrun's own (its agent raises SignalException on SIGTERM and exits 1).
@@ -106,8 +134,8 @@ def test_slurm_usr1_to_the_job_with_loader_workers_requeues_and_resumes_exactly(
 
     proc = sbatch(TRAIN_FAULT_PAUSE_AT_STEP=3, TRAIN_FAULT_PAUSE_THEN="continue")
     try:
-        helpers.wait_for_step(tmp_path / "runs/run", 3, proc)
-        time.sleep(0.5)                                          # every rank is in its pause
+        logs = [tmp_path / "node0.log", tmp_path / "node1.log"]
+        _wait_for_pauses(lambda: "".join(p.read_text() for p in logs if p.exists()), proc)
         os.killpg(proc.pid, signal.SIGUSR1)                      # the whole job, DataLoader workers too
         out = proc.communicate(timeout=180)[0]
     finally:
