@@ -153,3 +153,31 @@ def test_slurm_usr1_to_the_job_with_loader_workers_requeues_and_resumes_exactly(
         helpers.kill_tree(proc)
     assert proc.returncode == 0, out[-3000:]
     _same_run(ref, tmp_path)
+
+
+@pytest.mark.parametrize("launcher", ["python", "torchrun"])
+def test_kill_9_on_the_file_path_resumes_bit_identical(launcher, tmp_path, tmp_path_factory):
+    """Issue #16 items 2 and 3: kill -9 mid-epoch on the DataLoader path, augmentation on, then resume
+    from the newest checkpoint: bit-identical to the unbroken run, with the workers changed between
+    the two launches (0 -> 2 in one process, 2 -> 0 in two)."""
+    args, ref = _reference("image_folder", tmp_path_factory)
+    prefix = TORCHRUN if launcher == "torchrun" else [PY]
+    if launcher == "python":                                     # the unbroken one-process run
+        ref = tmp_path / "reference"
+        ref.mkdir()
+        proc = helpers.start([PY, REPO / "train.py", *FILES, *args], ref)
+        assert proc.wait(timeout=300) == 0, proc.stdout.read()[-3000:]
+    workers = ["data.num_workers=0", "data.num_workers=2"]
+    if launcher == "torchrun":
+        workers.reverse()
+    cmd = [*prefix, REPO / "train.py", *FILES, *args]
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    proc = helpers.start([*cmd, workers[0]], cut, TRAIN_FAULT_PAUSE_AT_STEP=5)
+    helpers.wait_for_step(cut / "runs/run", 5, proc)
+    helpers.kill_tree(proc)                                       # kill -9, everything
+    again = helpers.start([*cmd, workers[1]], cut)
+    out = again.communicate(timeout=300)[0]
+    assert again.returncode == 0, out[-3000:]
+    assert re.search(r"resumed from \S+step_00000004.pt at epoch 1, batch 4, step 4", out), out[-3000:]
+    _same_run(ref, cut)
