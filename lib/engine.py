@@ -21,7 +21,8 @@ from lib.metrics import STATS, Meter
 class LoopState:
     """Where training is. Saved in every checkpoint; restored on resume."""
     epoch: int = 0          # epoch in progress (equals epochs completed when batch == 0)
-    batch: int = 0          # micro-batches of this epoch already done
+    batch: int = 0          # micro-batches of this epoch already done (by each rank)
+    samples: int = 0        # samples of this epoch's global order already consumed (by all ranks)
     step: int = 0           # optimizer updates done
     best: float = None      # best value of checkpoint.monitor so far
     best_epoch: int = None
@@ -45,7 +46,7 @@ class LoopState:
         """What a checkpoint holds of the loop (a collective: the running epoch sums of every rank
         are added up, so a mid-epoch resume reports the same epoch metrics as an unbroken run)."""
         d = self.state_dict()
-        d["meter"] = self.meter.global_state(rt) if self.meter is not None and self.batch else None
+        d["meter"] = self.meter.global_state(rt) if self.meter is not None and self.samples else None
         return d
 
 
@@ -152,10 +153,10 @@ class NonFiniteGuard:
 def train_one_epoch(state, loader, step_fn, rt, log, run, objects, cfg, guard, on_update=None):
     """One epoch (or its rest, when resuming mid-epoch). Returns (train metrics, stopped by signal?)."""
     t = cfg.train
-    loader.set_epoch(state.epoch, state.batch)
-    n = len(loader)
+    loader.set_epoch(state.epoch, start_sample=state.samples)
+    n = state.batch + loader.remaining()            # micro-batches of this epoch, done and to do
     meter = state.meter = Meter()
-    if state.batch and state.saved_meter:               # resuming mid-epoch: the sums so far go on
+    if state.samples and state.saved_meter:             # resuming mid-epoch: the sums so far go on
         meter.load_global_state(state.saved_meter, rt)
     state.saved_meter = None
     log.start_epoch(state, n)
@@ -168,6 +169,7 @@ def train_one_epoch(state, loader, step_fn, rt, log, run, objects, cfg, guard, o
         meter.add(guard.watch(step_fn(x, y, micro), state.step))
         images += y.shape[0]
         state.batch += 1
+        state.samples += y.shape[0] * rt.world_size
         log.advance(state)
         if not micro.update:
             continue
@@ -191,7 +193,7 @@ def train_one_epoch(state, loader, step_fn, rt, log, run, objects, cfg, guard, o
             break
     metrics = meter.read(rt)
     if state.batch >= n:
-        state.epoch, state.batch = state.epoch + 1, 0
+        state.epoch, state.batch, state.samples = state.epoch + 1, 0, 0
         state.meter = None
     return metrics, False
 

@@ -4,6 +4,7 @@ workers, augmentation on; the resumed run always ends bit-identical to the unbro
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 import helpers
-from helpers import PY, REPO, read_jsonl, state_dict
+from helpers import PY, REPO, ok, read_jsonl, script, state_dict
 
 QUIET = ["log.plots=false", "log.progress=false"]
 # A small file-path run: ~100 training images, 2 processes x 8 per batch -> 6-7 steps an epoch, 2 epochs.
@@ -181,3 +182,83 @@ def test_kill_9_on_the_file_path_resumes_bit_identical(launcher, tmp_path, tmp_p
     assert again.returncode == 0, out[-3000:]
     assert re.search(r"resumed from \S+step_00000004.pt at epoch 1, batch 4, step 4", out), out[-3000:]
     _same_run(ref, cut)
+
+
+# Issue #16 item 5: the memory path (the offline digits, 1,438 training samples) with an MLP, SGD and
+# a cosine schedule; 64 samples an update as 2 processes x 32 or 1 process x 32 x grad_accum 2 (or x 64).
+LAYOUT = ["model.name=mlp", "model.hidden=[64]", "optim.name=sgd", "optim.lr=0.1", "optim.momentum=0.9",
+          "sched.name=cosine", "train.epochs=2", "train.log_every=1", "checkpoint.every_steps=4", "name=run", *QUIET]
+ONE, TWO = ([PY], ["data.batch_size=32", "train.grad_accum=2"]), (TORCHRUN, ["data.batch_size=32"])
+
+
+def _killed_at_step_7(prefix, args, cwd):
+    """A run killed -9 mid-epoch after step 7 (its newest checkpoint: step 4)."""
+    proc = helpers.start([*prefix, REPO / "train.py", *args], cwd, TRAIN_FAULT_PAUSE_AT_STEP=7)
+    helpers.wait_for_step(cwd / "runs/run", 7, proc)
+    helpers.kill_tree(proc)
+
+
+def _close_run(a_dir, b_dir, atol=1e-6):
+    a, b = (state_dict(d / "runs/run/checkpoints/last.pt") for d in (a_dir, b_dir))
+    assert a["step"] == b["step"] and a["epoch"] == b["epoch"]
+    for k, v in a["model"].items():
+        assert torch.allclose(v, b["model"][k], atol=atol, rtol=0), (k, float((v - b["model"][k]).abs().max()))
+
+
+@pytest.mark.parametrize("before,after", [(TWO, ONE), (ONE, TWO)], ids=["2to1", "1to2"])
+def test_a_new_world_size_with_the_same_global_batch_continues_at_the_same_sample(before, after, tmp_path):
+    """Killed mid-epoch on 2 processes (1), resumed on 1 (2) with grad_accum doubled (halved): the run
+    continues at sample 256 of the epoch's order and ends allclose (1e-6) to the unbroken run. (Step 4
+    is micro-batch 4 of 2 x 32 but micro-batch 8 of 1 x 32 x 2: reading the batch count in the new
+    layout would start at sample 128 or 512.)"""
+    ref, cut = tmp_path / "reference", tmp_path / "cut"
+    for d in (ref, cut):
+        d.mkdir()
+    proc = helpers.start([*before[0], REPO / "train.py", *LAYOUT, *before[1]], ref)
+    assert proc.wait(timeout=300) == 0, proc.stdout.read()[-3000:]
+    _killed_at_step_7(before[0], [*LAYOUT, *before[1]], cut)
+    if before is TWO:                          # the same cut, resumed with half the global batch (below)
+        shutil.copytree(cut, tmp_path / "halved")
+    again = helpers.start([*after[0], REPO / "train.py", *LAYOUT, *after[1]], cut)
+    out = again.communicate(timeout=300)[0]
+    assert again.returncode == 0, out[-3000:]
+    assert "the same global batch of 64, continuing at sample 256 of epoch 1's order" in out, out[-3000:]
+    _close_run(ref, cut)
+    if before is TWO:
+        halved = tmp_path / "halved"
+        out = ok(script("train.py", *LAYOUT, "data.batch_size=32", cwd=halved))
+        assert "the global batch changes from 64 to 32" in out and "continuing at sample 256" in out, out[-3000:]
+        # The rest of epoch 1 (1,438 - 256 samples) in updates of 32, then epoch 2: nothing repeated or lost.
+        assert state_dict(halved / "runs/run/checkpoints/last.pt")["step"] == 4 + -(-1182 // 32) + -(-1438 // 32)
+
+
+def test_a_new_world_size_on_the_file_path_with_augmentation(tmp_path, tmp_path_factory):
+    """The DataLoader path with augmentation: killed on 2 processes x 8, resumed on 1 process x 8 x
+    grad_accum 2 with no workers: allclose to the unbroken 2-process run (each sample augmented as it
+    was)."""
+    args, ref = _reference("image_folder", tmp_path_factory)
+    proc = helpers.start([*TORCHRUN, REPO / "train.py", *FILES, *args], tmp_path, TRAIN_FAULT_PAUSE_AT_STEP=5)
+    helpers.wait_for_step(tmp_path / "runs/run", 5, proc)
+    helpers.kill_tree(proc)
+    out = ok(script("train.py", *FILES, *args, "train.grad_accum=2", "data.num_workers=0", cwd=tmp_path))
+    assert "the same global batch of 16, continuing at sample 64" in out, out[-3000:]
+    _close_run(ref, tmp_path)
+
+
+def test_deepspeed_shards_on_another_world_size_are_refused_with_the_way_out(tmp_path):
+    """ZeRO shards are cut for the world size that wrote them: resuming them on another one exits 2,
+    before anything is written, naming both ways out (the old world size, or the consolidated weights)."""
+    from lib.checkpoint.files import atomic_save, load, periodic_files
+    args = ["model.name=mlp", "model.hidden=[16]", "train.max_steps=2", "train.epochs=1", "name=run", *QUIET]
+    ok(script("train.py", *args, cwd=tmp_path))
+    ckpts = tmp_path / "runs/run/checkpoints"
+    for path in [*periodic_files(ckpts), ckpts / "last.pt"]:        # as a 2-process ZeRO run would have left it
+        ckpt = load(path)
+        ckpt.update(deepspeed="ds_step_00000002", world_size=2)
+        path.unlink()
+        atomic_save(ckpt, path, commit=True)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "runs/run").rglob("*"))
+    msg = helpers.user_error(script("train.py", *args, "train.max_steps=3", cwd=tmp_path))
+    assert "DeepSpeed ZeRO shards written by 2 process(es), and this run has 1" in msg, msg
+    assert "resume it with 2 processes" in msg and "model.weights=" in msg, msg
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "runs/run").rglob("*")) == before

@@ -1,5 +1,6 @@
 """The decision a run makes before it writes anything: resume a checkpoint, start fresh, or refuse
-(with the fix in the message), from the run directory's contents, checkpoint.resume and --force.
+(with the fix in the message), from the run directory's contents, checkpoint.resume and --force; and
+where a resumed run continues when its world size, batch size or accumulation changed.
 
 Resuming picks the newest *committed* periodic checkpoint that verifies and loads, warning about each
 one it skips, and only then falls back to last.pt. A run directory that holds a run with a different
@@ -15,16 +16,58 @@ from lib.errors import UserError
 HARMLESS = ("name", "output_dir", "train.epochs", "train.max_steps", "train.log_every", "train.eval_every_epochs",
             "train.eval_only", "train.compile", "train.compile_mode", "train.compile_backend", "data.num_workers",
             "data.loader", "data.cache", "data.root", "data.download", "data.memory_limit_gb", "data.eval_batch_size",
-            "checkpoint.", "log.", "dist.")
+            "checkpoint.", "log.", "dist.",
+            "data.batch_size", "train.grad_accum")   # a new layout resumes at the same sample (rebase below)
 
 
-def decide(c: CheckpointCfg, run_dir, config: dict, force: bool = False, read_only: bool = False) -> dict:
+def decide(c: CheckpointCfg, run_dir, config: dict, force: bool = False, read_only: bool = False,
+           world_size: int = 1) -> dict:
     """{'resume': path or None, 'move_aside': bool, 'warnings': [...], 'error': message or None} for a
-    run in `run_dir` with checkpoint section `c` and resolved config `config` (a plain dict)."""
+    run in `run_dir` with checkpoint section `c` and resolved config `config` (a plain dict), started
+    with `world_size` processes."""
     try:
-        return _decide(c, Path(run_dir), config, force, read_only)
+        plan = _decide(c, Path(run_dir), config, force, read_only)
+        if plan["resume"] and not read_only:
+            _check_deepspeed_world(plan["resume"], world_size)
+        return plan
     except UserError as e:
         return {"error": str(e), "resume": None, "warnings": [], "move_aside": False}
+
+
+def _check_deepspeed_world(path, world_size):
+    """ZeRO shards are cut for the world size that wrote them: another world size cannot load them."""
+    ckpt = load(path)
+    written = ckpt.get("world_size", 1)
+    if ckpt.get("deepspeed") and written != world_size:
+        raise UserError(f"{path} holds DeepSpeed ZeRO shards written by {written} process(es), and this run has "
+                        f"{world_size}; resume it with {written} processes, or start a new run from its "
+                        f"consolidated weights (name=<new name> model.weights={path}; the optimizer state "
+                        f"restarts).")
+
+
+def rebase(ckpt: dict, state, batch_size: int, grad_accum: int, world_size: int):
+    """Place a resumed run (its LoopState `state`, loaded from `ckpt`) in the epoch's global sample
+    order: state.samples is what the checkpoint's run had consumed of the epoch (derived from its
+    batch for checkpoints older than the field); when the world size, batch size or accumulation
+    changed, state.batch becomes this layout's count of micro-batches before that sample (rounded
+    down to a whole update). Returns one line saying what changed, or None."""
+    old_cfg = ckpt.get("config", {})
+    old_bs = old_cfg.get("data", {}).get("batch_size", batch_size)
+    old_accum = old_cfg.get("train", {}).get("grad_accum", grad_accum)
+    old_world = ckpt.get("world_size", world_size)
+    if ckpt.get("samples") is None:
+        state.samples = state.batch * old_bs * old_world
+    if (old_bs, old_accum, old_world) == (batch_size, grad_accum, world_size):
+        return None
+    state.batch = state.samples // (batch_size * world_size) // grad_accum * grad_accum
+    before, now = old_bs * old_world * old_accum, batch_size * world_size * grad_accum
+    layout = (f"{old_world} process(es) x batch {old_bs} x grad_accum {old_accum} -> {world_size} x "
+              f"{batch_size} x {grad_accum}")
+    where = f"continuing at sample {state.samples} of epoch {state.epoch + 1}'s order"
+    if before == now:
+        return f"resuming on a new layout ({layout}): the same global batch of {now}, {where}."
+    return (f"warning: the global batch changes from {before} to {now} ({layout}); {where}, with the learning "
+            f"rate as configured (not rescaled: set optim.lr to scale it) and the schedule's step count as saved.")
 
 
 def _decide(c, run_dir, config, force, read_only):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lib import io
 from lib.checkpoint.files import FORMAT, atomic_save, load, periodic_files, restore_objects, sidecar
-from lib.checkpoint.resume import decide
+from lib.checkpoint.resume import decide, rebase
 from lib.config import dump, to_dict
 from lib.errors import RunError, UserError
 
@@ -35,7 +35,7 @@ class Run:
         self.last_saved = None
         self.resumed_from = None
         # Rank 0 decides (others must not re-derive it from a file system they may see differently).
-        plan = decide(cfg.checkpoint, self.dir, to_dict(cfg), force, read_only) if rt.is_main else None
+        plan = decide(cfg.checkpoint, self.dir, to_dict(cfg), force, read_only, rt.world_size) if rt.is_main else None
         plan = rt.broadcast_object(plan)
         if plan["error"]:
             raise UserError(plan["error"])
@@ -175,6 +175,9 @@ class Run:
                             f"loaded into a DeepSpeed engine. Use model.weights / finetune.weights to start from it.")
         restore_objects(ckpt, objects, self.resume_path)
         state.load_state_dict({k: ckpt[k] for k in (*state.state_dict(), "meter") if k in ckpt})
+        moved = rebase(ckpt, state, self.cfg.data.batch_size, self.cfg.train.grad_accum, self.rt.world_size)
+        if moved:
+            self.rt.print0(moved)
         rng = ckpt.get("rng") or []
         if len(rng) == self.rt.world_size:
             self.rt.set_rng_state(rng[self.rt.rank])

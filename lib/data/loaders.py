@@ -19,12 +19,16 @@ from lib.errors import UserError
 from lib.seeding import stable_seed
 
 
-def shard_indices(n, *, epoch, seed, shuffle, train, rank, world):
-    """This rank's sample indices for one epoch (a CPU int64 tensor).
+def shard_indices(n, *, epoch, seed, shuffle, train, rank, world, start=0):
+    """This rank's sample indices for one epoch, or for its rest after `start` samples (a CPU int64
+    tensor).
 
-    train: order = randperm(n) seeded by (seed, epoch) (or 0..n-1), the tail of n % world dropped,
-    rank r takes order[r::world]; every rank gets n // world samples. Evaluation: no shuffle, no
-    drop, no padding: rank r takes r, r + world, ... so the ranks together see each sample once.
+    train: the epoch's global order = randperm(n) seeded by (seed, epoch) (or 0..n-1), the same for
+    every world size. The samples not yet consumed, order[start:], lose their tail of fewer than
+    `world` and are dealt out: rank r takes rest[r::world]. With start = 0 every rank gets n // world
+    samples; since step k of a run consumes order[k*G:(k+1)*G] (G = batch x world x grad_accum), a run
+    resumed on another world size continues at the exact sample. Evaluation: no shuffle, no drop,
+    no padding: rank r takes r, r + world, ... so the ranks together see each sample once.
     """
     if train and shuffle:
         g = torch.Generator().manual_seed(stable_seed("order", seed, epoch))
@@ -32,7 +36,8 @@ def shard_indices(n, *, epoch, seed, shuffle, train, rank, world):
     else:
         order = torch.arange(n)
     if train:
-        order = order[: n - n % world]
+        rest = order[start:]
+        order = rest[: len(rest) - len(rest) % world]
     return order[rank::world]
 
 
@@ -51,29 +56,40 @@ def ignore_stop_signals(worker_id=None):
 
 
 class _Loader:
-    """What both loaders share: epochs, mid-epoch starts, sharding and batch counting."""
+    """What both loaders share: epochs, mid-epoch starts (in samples of the epoch's global order),
+    sharding and batch counting."""
 
     def __init__(self, n, *, batch_size, transform, device, rank, world, seed, shuffle, train):
         self.n, self.batch_size, self.transform, self.device = n, batch_size, transform, device
         self.rank, self.world, self.seed, self.shuffle, self.train = rank, world, seed, shuffle, train
-        self.epoch, self.start = 0, 0
+        self.epoch, self.start = 0, 0           # start: global samples of this epoch already consumed
         if train and n // world == 0:
             raise UserError(f"the training set has {n} samples, fewer than the {world} processes; "
                             f"use more data or fewer processes.")
 
-    def set_epoch(self, epoch, start_batch=0):
-        """Iterate epoch `epoch` from batch `start_batch` on (resume mid-epoch)."""
-        self.epoch, self.start = epoch, start_batch
+    def set_epoch(self, epoch, start_batch=0, *, start_sample=None):
+        """Iterate epoch `epoch` from batch `start_batch` on, or from global sample `start_sample` of
+        the epoch's order (resume mid-epoch, possibly on another world size or batch size)."""
+        self.epoch = epoch
+        self.start = start_sample if start_sample is not None else start_batch * self.batch_size * self.world
 
     def indices(self):
+        """This rank's sample indices from the current start on."""
         return shard_indices(self.n, epoch=self.epoch, seed=self.seed, shuffle=self.shuffle, train=self.train,
-                             rank=self.rank, world=self.world)
+                             rank=self.rank, world=self.world, start=self.start if self.train else 0)
 
-    def samples_per_rank(self):
-        return self.n // self.world if self.train else len(range(self.rank, self.n, self.world))
+    def samples_per_rank(self, start=0):
+        if not self.train:
+            return len(range(self.rank, self.n, self.world))
+        return (self.n - start) // self.world
 
     def __len__(self):
+        """Batches of a whole epoch."""
         return math.ceil(self.samples_per_rank() / self.batch_size)
+
+    def remaining(self):
+        """Batches left from the current start (len(self) minus the start batch when it is aligned)."""
+        return math.ceil(self.samples_per_rank(self.start if self.train else 0) / self.batch_size)
 
     def draw(self, ids):
         """What the BatchTransform augments a training batch with: (the epoch's key, the batch's sample
@@ -93,8 +109,8 @@ class MemoryLoader(_Loader):
 
     def __iter__(self):
         idx = self.indices().to(self.device)
-        start, self.start = self.start, 0
-        for b in range(start, len(self)):
+        self.start = 0
+        for b in range(math.ceil(len(idx) / self.batch_size)):
             sel = idx[b * self.batch_size:(b + 1) * self.batch_size]
             yield self.transform(self.x.index_select(0, sel), self.draw(sel)), self.y.index_select(0, sel)
 
@@ -149,12 +165,11 @@ class _ShardSampler(torch.utils.data.Sampler):
         self.loader = weakref.proxy(loader)
 
     def __iter__(self):
-        lo = self.loader
-        return iter(lo.indices()[lo.start * lo.batch_size:].tolist())
+        return iter(self.loader.indices().tolist())
 
     def __len__(self):
         lo = self.loader
-        return max(0, lo.samples_per_rank() - lo.start * lo.batch_size)
+        return lo.samples_per_rank(lo.start if lo.train else 0)
 
 
 class FileLoader(_Loader):
