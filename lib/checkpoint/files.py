@@ -7,6 +7,7 @@ A checkpoint is one file, a dict with these keys:
     model | generator, discriminator, ...   unwrapped state_dicts (no DDP / compile prefixes)
     optimizer, scheduler, scaler           their state_dicts (GAN: opt_g, opt_d, ...)
     epoch, batch, step, best, best_epoch   the loop position; batch > 0 means mid-epoch
+    samples                                samples of the epoch's global order consumed (any layout)
     skipped_steps, meter                   updates skipped (on_nonfinite=skip); the epoch's running sums
     rng                                    one entry per rank: python, numpy, torch (and cuda) states
     config                                 the resolved config (a plain dict)
