@@ -16,7 +16,7 @@ DEFAULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "
 
 def main(cfg):
     """Fine-tune the weights that `cfg` names on its data; returns the final metrics."""
-    from lib import engine, losses, optim, runlog, startup, steps
+    from lib import ema as weight_ema, engine, losses, optim, runlog, startup, steps
     from lib.finetune.build import build_model
     from lib.finetune.export import export
     from lib.finetune.freeze import Unfreezer, freeze, parameter_table
@@ -54,14 +54,20 @@ def main(cfg):
         unfreezer.apply()
     wrapped, optimizer = rt.prepare(model, optimizer, compile=cfg.train.compile,
                                     channels_last=cfg.train.channels_last)
+    ema, ema_hook = weight_ema.for_run(cfg.train, model, updates_per_epoch)       # train.ema
     state = engine.LoopState()
-    objects = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": rt.scaler}
+    objects = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": rt.scaler,
+               **({"ema": ema} if ema is not None else {})}
     if run.restore(objects, state):
         rt.print0(f"resumed from {run.resumed_from} at epoch {state.epoch + 1}, batch {state.batch}, "
                   f"step {state.step}")
 
     def evaluate():
-        return engine.evaluate(rt.eval_model(wrapped), data.val, loss_fn, rt, task, inputs["num_classes"])
+        metrics = engine.evaluate(rt.eval_model(wrapped), data.val, loss_fn, rt, task, inputs["num_classes"])
+        if ema is not None:                             # the EMA weights, evaluated the same way: val_ema/*
+            metrics.update(weight_ema.ema_metrics(
+                engine.evaluate(ema.module, data.val, loss_fn, rt, task, inputs["num_classes"])))
+        return metrics
 
     if cfg.train.eval_only:                             # evaluate the loaded weights; write nothing
         return engine.evaluate_only(rt, evaluate)
@@ -85,7 +91,7 @@ def main(cfg):
     metrics = engine.fit(cfg=cfg, rt=rt, run=run, log=log, state=state, train_loader=data.train,
                          step_fn=lambda x, y, micro: current["step"](x, y, micro), eval_fn=evaluate,
                          objects=objects, lr_fn=lambda: optimizer.param_groups[0]["lr"],
-                         on_epoch_start=on_epoch_start)
+                         on_update=ema_hook, on_epoch_start=on_epoch_start)
 
     # 7) Export model.pt (+ model.yaml, a train.py config that evaluates it) and finish.
     if not metrics.get("stopped"):

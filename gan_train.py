@@ -59,7 +59,9 @@ def main(cfg):
 
     def on_update(state):
         if state.step % cfg.gan.sample_every == 0:
-            grids.save(ema.module if ema is not None else rt.unwrap(g), fixed_noise, state.step)
+            grid = grids.save(ema.module if ema is not None else rt.unwrap(g), fixed_noise, state.step)
+            if grid is not None:
+                log.image("samples", grid, state.step)              # TensorBoard, when enabled
 
     metrics = engine.fit(cfg=cfg, rt=rt, run=run, log=log, state=state, train_loader=data.train,
                          step_fn=gan_step, eval_fn=dict, objects=objects,
@@ -67,7 +69,9 @@ def main(cfg):
 
     # 6) Finish: a last grid, the curves, the summary; leave the process group cleanly.
     if not metrics.get("stopped"):
-        grids.save(ema.module if ema is not None else rt.unwrap(g), fixed_noise, state.step)
+        grid = grids.save(ema.module if ema is not None else rt.unwrap(g), fixed_noise, state.step)
+        if grid is not None:
+            log.image("samples", grid, state.step)
         log.finish(metrics, extra=f", samples in {grids.folder}")
     rt.shutdown()
     return metrics

@@ -17,7 +17,7 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "confi
 def main(cfg):
     """Train (or only evaluate) the model that `cfg` describes; returns the final metrics."""
     # Heavy imports live here so that --help and --print-config stay fast (torch alone takes ~2 s).
-    from lib import checks, engine, losses, models, optim, runlog, startup, steps
+    from lib import checks, ema as weight_ema, engine, losses, models, optim, runlog, startup, steps
     from lib.models.weights import load_weights
 
     # 1) Check the config against every registry, before touching data or files.
@@ -41,15 +41,22 @@ def main(cfg):
     model, optimizer = rt.prepare(model, optimizer, compile=cfg.train.compile,
                                   channels_last=cfg.train.channels_last)
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())   # ZeRO-3 shards them
+    ema, ema_hook = weight_ema.for_run(cfg.train, rt.unwrap(model), updates_per_epoch)   # train.ema
     rt.print0(f"model: {cfg.model.name}, {n_params:,} parameters; loss {cfg.loss.name}; optimizer "
-              f"{cfg.optim.name} (lr {cfg.optim.lr:g}); schedule {cfg.sched.name}")
+              f"{cfg.optim.name} (lr {cfg.optim.lr:g}); schedule {cfg.sched.name}"
+              + (f"; weight EMA (decay {cfg.train.ema:g}, every {cfg.train.ema_every} steps)" if ema else ""))
 
     def evaluate():
-        return engine.evaluate(rt.eval_model(model), data.val, loss_fn, rt, task, inputs["num_classes"])
+        metrics = engine.evaluate(rt.eval_model(model), data.val, loss_fn, rt, task, inputs["num_classes"])
+        if ema is not None:                             # the EMA weights, evaluated the same way: val_ema/*
+            metrics.update(weight_ema.ema_metrics(
+                engine.evaluate(ema.module, data.val, loss_fn, rt, task, inputs["num_classes"])))
+        return metrics
 
     # 4) Resume where the run stopped (if it did), then write config.yaml and env.json.
     state = engine.LoopState()
-    objects = {"model": rt.unwrap(model), "optimizer": optimizer, "scheduler": scheduler, "scaler": rt.scaler}
+    objects = {"model": rt.unwrap(model), "optimizer": optimizer, "scheduler": scheduler, "scaler": rt.scaler,
+               **({"ema": ema} if ema is not None else {})}
     if run.restore(objects, state):
         rt.print0(f"resumed from {run.resumed_from} at epoch {state.epoch + 1}, batch {state.batch}, "
                   f"step {state.step}")
@@ -64,7 +71,7 @@ def main(cfg):
     train_step = steps.make_train_step(model, loss_fn, optimizer, scheduler, rt, cfg.train, task)
     metrics = engine.fit(cfg=cfg, rt=rt, run=run, log=log, state=state, train_loader=data.train,
                          step_fn=train_step, eval_fn=evaluate, objects=objects,
-                         lr_fn=lambda: optimizer.param_groups[0]["lr"])
+                         lr_fn=lambda: optimizer.param_groups[0]["lr"], on_update=ema_hook)
 
     # 6) Finish: final plots and the summary line; leave the process group cleanly.
     if not metrics.get("stopped"):

@@ -155,7 +155,9 @@ else
 fi
 k=$((STEPS * 3 / 4))
 mkdir -p "$WORK/cut"
-(cd "$WORK/cut" && TRAIN_FAULT_PAUSE_AT_STEP=$k exec timeout 600 "$PY" "$REPO/train.py" name=run log.plots=false \
+# exec python itself (no `timeout` in between): the kill -9 below must hit the training process, not
+# a wrapper that would leave it behind, paused forever. The wait loop bounds the time instead.
+(cd "$WORK/cut" && TRAIN_FAULT_PAUSE_AT_STEP=$k exec "$PY" "$REPO/train.py" name=run log.plots=false \
     log.progress=false train.log_every=1 "${KEEP[@]}" > cut.log 2>&1) & cut=$!
 for _ in $(seq 1200); do      # wait (at most 10 min) until step k is logged, then kill -9
     if [ -f "$WORK/cut/runs/run/metrics.jsonl" ] &&

@@ -1,7 +1,7 @@
 """Pre-flight: check a whole config against every registry before any data or file is touched, so
 a typo fails in a second with one sentence instead of after a download or an hour of training.
 """
-from lib import data, init, losses, models, optim
+from lib import data, init, losses, models, optim, tensorboard
 from lib.config import where
 from lib.errors import UserError
 
@@ -17,6 +17,7 @@ def preflight(cfg) -> tuple[str, str]:
     init.check(cfg.model.init, origins=cfg._origins)
     losses.check(cfg, task)
     optim.check(cfg)
+    tensorboard.check(cfg.log)
     d, t = cfg.data, cfg.train
     if kind == "sequence":
         for key, bad in (("data.augment", d.augment != "none"), ("train.channels_last", t.channels_last),
@@ -27,13 +28,20 @@ def preflight(cfg) -> tuple[str, str]:
     if task != "classification" and d.classes is not None:
         raise UserError(f"{where(cfg, 'data.classes')} selects classes, but data.name={d.name} is a "
                         f"{task} dataset; remove it.")
+    if t.ema is not None:
+        from lib.runtime import deepspeed_requested
+        if deepspeed_requested(cfg):
+            raise UserError(f"{where(cfg, 'train.ema')}: a weight EMA needs the whole model on every rank, and "
+                            f"DeepSpeed ZeRO shards it; remove train.ema or train without DeepSpeed.")
     c = cfg.checkpoint
-    if c.monitor != "none" and c.monitor not in MONITORS[task]:
+    monitors = MONITORS[task] + (tuple(k.replace("val/", "val_ema/") for k in MONITORS[task] if k.startswith("val/"))
+                                 if t.ema is not None else ())
+    if c.monitor != "none" and c.monitor not in monitors:
         if "checkpoint.monitor" not in cfg._origins and task == "regression":
             c.monitor = "val/loss"
         else:
-            raise UserError(f"{where(cfg, 'checkpoint.monitor')} = {c.monitor} is not a metric of {task} runs; "
-                            f"use one of: {', '.join(MONITORS[task])}.")
+            raise UserError(f"{where(cfg, 'checkpoint.monitor')} = {c.monitor} is not a metric of {task} runs"
+                            f"{' with train.ema' if t.ema is not None else ''}; use one of: {', '.join(monitors)}.")
     dry_build(cfg, kind)
     return task, kind
 

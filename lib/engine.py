@@ -31,6 +31,7 @@ class LoopState:
     def __post_init__(self):
         self.meter = None        # the epoch in progress's running sums (a Meter), while it runs
         self.saved_meter = None  # ... as restored from a mid-epoch checkpoint, until the epoch goes on
+        self.images = 0          # samples (all ranks) trained by this process in the epoch in progress
 
     def state_dict(self):
         return asdict(self)
@@ -160,6 +161,7 @@ def train_one_epoch(state, loader, step_fn, rt, log, run, objects, cfg, guard, o
         meter.load_global_state(state.saved_meter, rt)
     state.saved_meter = None
     log.start_epoch(state, n)
+    state.images = 0
     tick, images = time.perf_counter(), 0
     for x, y in loader:
         group_start = state.batch - state.batch % t.grad_accum
@@ -170,6 +172,7 @@ def train_one_epoch(state, loader, step_fn, rt, log, run, objects, cfg, guard, o
         images += y.shape[0]
         state.batch += 1
         state.samples += y.shape[0] * rt.world_size
+        state.images += y.shape[0] * rt.world_size
         log.advance(state)
         if not micro.update:
             continue
@@ -213,9 +216,12 @@ def fit(*, cfg, rt, run, log, state, train_loader, step_fn, eval_fn, objects, lr
         while state.epoch < t.epochs and not (t.max_steps and state.step >= t.max_steps):
             if on_epoch_start is not None:
                 on_epoch_start(state)
-            epoch_label = f"epoch {state.epoch + 1}"    # before train_one_epoch moves the counter on
+            number = state.epoch + 1                    # this epoch's number, counted from 1 everywhere
+            epoch_label = f"epoch {number}"             # (before train_one_epoch moves the counter on)
+            tick = time.perf_counter()
             train_metrics, stopped = train_one_epoch(state, train_loader, step_fn, rt, log, run, objects, cfg,
                                                      guard, on_update)
+            seconds = time.perf_counter() - tick        # training only, evaluation apart
             guard.check(epoch_label)
             if stopped:
                 path = run.save(objects, state) or run.ckpt_dir / "last.pt"
@@ -228,9 +234,10 @@ def fit(*, cfg, rt, run, log, state, train_loader, step_fn, eval_fn, objects, lr
             evaluate_now = finished or state.epoch % t.eval_every_epochs == 0
             val = eval_fn() if evaluate_now else {}
             confusion = val.pop("confusion", None)
-            metrics = {"epoch": state.epoch, "step": state.step, "lr": lr_fn(),
+            metrics = {"epoch": number, "step": state.step, "lr": lr_fn(),
                        **{f"train/{k}": v for k, v in train_metrics.items()}, **val,
-                       "time_s": round(time.perf_counter() - started, 3)}
+                       "images_per_s": round(state.images / max(seconds, 1e-9), 1),
+                       "epoch_time_s": round(seconds, 3), "time_s": round(time.perf_counter() - started, 3)}
             if guard.policy == "skip":
                 metrics["train/skipped_steps"] = state.skipped_steps
             improved = run.update_best(state, metrics)

@@ -11,11 +11,12 @@ from lib.config import where
 from lib.data.transforms import norm_stats
 from lib.errors import UserError
 from lib.io import atomic_file
+from lib.plots import SPEED_PANELS
 from lib.seeding import seeded
 
 PLOT_GROUPS = [("losses", ["train/loss_D", "train/loss_G"]),
                ("discriminator outputs", ["train/D_x", "train/D_G_z1", "train/D_G_z2"]),
-               ("lr", ["lr"])]
+               ("lr", ["lr"]), *SPEED_PANELS]
 
 
 def preflight(cfg) -> tuple[str, str]:
@@ -35,6 +36,9 @@ def preflight(cfg) -> tuple[str, str]:
         raise UserError("gan_train.py does not run under DeepSpeed: ZeRO shards one model and one optimizer, "
                         "a GAN steps two in alternation; launch with torchrun or accelerate launch "
                         "(configs/accelerate/ddp.yaml) instead.")
+    if train_cfg.ema is not None:
+        raise UserError(f"{where(cfg, 'train.ema')}: gan_train.py keeps its generator's EMA with gan.ema "
+                        f"(e.g. gan.ema=0.999); remove train.ema.")
     if train_cfg.grad_accum != 1:
         raise UserError(f"{where(cfg, 'train.grad_accum')} must be 1 for gan_train.py (D and G alternate "
                         f"every batch); use a larger data.batch_size or more processes.")
@@ -62,7 +66,8 @@ def preflight(cfg) -> tuple[str, str]:
     if cfg.checkpoint.monitor != "none":
         raise UserError(f"{where(cfg, 'checkpoint.monitor')}: a GAN has no validation metric to pick best.pt "
                         f"by; leave checkpoint.monitor=none.")
-    from lib import init, optim
+    from lib import init, optim, tensorboard
+    tensorboard.check(cfg.log)
     init.check(cfg.model.init, origins=cfg._origins)
     optim.check(cfg)
     return "generation", "image"
@@ -174,7 +179,8 @@ def to_unit(x, transform):
 
 
 def save_grid(images, path, nrow=None, pad=2):
-    """images (N, C, H, W) in [0, 1] -> one PNG grid with `pad`-pixel borders, written atomically."""
+    """images (N, C, H, W) in [0, 1] -> one PNG grid with `pad`-pixel borders, written atomically;
+    returns the grid (C, H', W')."""
     from PIL import Image
     n, c, h, w = images.shape
     nrow = nrow or math.ceil(math.sqrt(n))
@@ -187,6 +193,7 @@ def save_grid(images, path, nrow=None, pad=2):
     image = Image.fromarray(array[:, :, 0] if c == 1 else array)
     with atomic_file(path) as f:
         image.save(f, format="PNG")
+    return canvas
 
 
 class Grids:
@@ -206,14 +213,15 @@ class Grids:
 
     @torch.no_grad()
     def save(self, generator, noise, step):
+        """Write samples/step_XXXXXXX.png; returns the grid (rank 0) or None."""
         if not self.rt.is_main:
-            return
+            return None
         was = generator.training
         generator.eval()
         with self.rt.autocast():
             images = generator(noise)
         generator.train(was)
-        save_grid(to_unit(images, self.transform), self.folder / f"step_{step:07d}.png")
+        return save_grid(to_unit(images, self.transform), self.folder / f"step_{step:07d}.png")
 
 
 def sample_from_checkpoint(n, ckpt_path, out, seed):

@@ -1,24 +1,40 @@
-"""The run's pictures: curves.png (every metric family per epoch, train and validation together,
-and the learning rate) and confusion.png (the validation confusion matrix), each written atomically.
-matplotlib is imported only when a plot is drawn.
+"""The run's pictures: curves.png (every metric family per epoch that changes, train and validation
+together, the learning rate, images/s and epoch time) and confusion.png (the validation confusion
+matrix), each written atomically. matplotlib is imported only when a plot is drawn.
 """
 from lib.io import atomic_file
 
 
+SPEED_PANELS = [("images/s", ["images_per_s"]), ("epoch time (s)", ["epoch_time_s"])]
+
+
+def curve_groups(rows):
+    """The panels of curves.png: one per metric family (loss, acc, ...) with train and val together,
+    then the learning rate, images/s and epoch time. Counts (val/samples, skipped steps) and, from
+    two epochs on, families that never change (top-5 at 1.0) are left out: a panel shows a change."""
+    families = {}
+    for r in rows:
+        for k in r:
+            if "/" in k:
+                families.setdefault(k.split("/", 1)[1], set()).add(k)
+    groups = [(name, sorted(keys, key=lambda k: (not k.startswith("train"), k)))
+              for name, keys in families.items() if name not in ("skipped_steps", "samples")]
+    groups += [("lr", ["lr"])] + [g for g in SPEED_PANELS if any(g[1][0] in r for r in rows)]
+    if len(rows) < 2:
+        return groups
+    return [(title, keys) for title, keys in groups if any(len(_values(rows, k)) > 1 for k in keys)]
+
+
+def _values(rows, key):
+    return {r[key] for r in rows if r.get(key) not in (None, "")}
+
+
 def plot_curves(rows, path, groups=None):
-    """One panel per metric family (loss, acc, ...), train and val together, plus the learning rate."""
+    """One panel per group of curve_groups(rows) (or the `groups` given: [(title, [keys])])."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     epochs = [float(r["epoch"]) for r in rows]
-    if groups is None:
-        families = {}
-        for r in rows:
-            for k in r:
-                if "/" in k:
-                    families.setdefault(k.split("/", 1)[1], set()).add(k)
-        groups = [(name, sorted(keys, key=lambda k: (not k.startswith("train"), k)))
-                  for name, keys in families.items() if name not in ("skipped_steps",)]
-        groups.append(("lr", ["lr"]))
+    groups = groups or curve_groups(rows)
     fig = Figure(figsize=(4.2 * len(groups), 3.4), dpi=100)
     FigureCanvasAgg(fig)
     for i, (title, keys) in enumerate(groups):

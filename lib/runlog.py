@@ -1,6 +1,7 @@
 """What a run shows and leaves behind while it trains: a progress bar, metrics.jsonl (per log step),
-metrics.csv (per epoch), the plots (drawn by lib/plots.py), wandb, and the summary line at the end.
-Rank 0 only; elsewhere every method is a no-op. wandb is imported only when enabled.
+metrics.csv (per epoch), the plots (drawn by lib/plots.py), wandb and TensorBoard (lib/tensorboard.py),
+and the summary line at the end. Rank 0 only; elsewhere every method is a no-op. wandb and
+TensorBoard are imported only when enabled.
 """
 import csv
 import json
@@ -34,6 +35,7 @@ class RunLogger:
         self.first_step_s = None
         self.last_plot = 0.0
         self.wandb = None
+        self.tb = None
         self.tty = sys.stderr.isatty()
         self.epoch_total = 0
         if not self.enabled:
@@ -41,6 +43,9 @@ class RunLogger:
         self._truncate_history(state)
         if cfg.log.wandb.enabled:
             self.wandb = _start_wandb(self.dir, cfg, rt)
+        if cfg.log.tensorboard.enabled:
+            from lib.tensorboard import TensorBoard
+            self.tb = TensorBoard(self.dir, purge_step=state.step + 1 if state.step else None)
 
     # -- files -------------------------------------------------------------------------------
 
@@ -98,7 +103,7 @@ class RunLogger:
         if not self.enabled:
             return
         lr = self._lr()
-        record = {"step": state.step, "epoch": state.epoch, "batch": state.batch,
+        record = {"step": state.step, "epoch": state.epoch + 1, "batch": state.batch,     # epochs count from 1
                   **{f"train/{k}": _round(v) for k, v in metrics.items()}, "lr": lr,
                   "images_per_s": round(images_per_s, 1), "time_s": round(time.time() - self.started, 3)}
         self._jsonl(record)
@@ -112,6 +117,8 @@ class RunLogger:
         if self.wandb is not None:
             self._wandb_log({**{f"train/{k}": v for k, v in metrics.items()}, "lr": lr,
                              "images_per_s": images_per_s}, state.step)
+        self._tb("scalars", {k: v for k, v in record.items() if k.startswith("train/")}
+                 | {"lr": lr, "images_per_s": record["images_per_s"]}, state.step)
 
     def _lr(self):
         return float(self.lr_fn())
@@ -133,8 +140,11 @@ class RunLogger:
               f"lr {metrics['lr']:.3g}  {metrics['time_s']:.1f}s{mark}", flush=True)
         if self.wandb is not None:
             self._wandb_log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, state.step)
+        self._tb("scalars", {f"epoch/{k}": v for k, v in self.rows[-1].items() if k not in ("epoch", "step")},
+                 state.step)
         if confusion is not None:
             self.confusion = confusion
+            self._tb("confusion", confusion, state.step)
         if self.cfg.log.plots and time.time() - self.last_plot > PLOT_EVERY_S:
             self.plot()
 
@@ -154,6 +164,7 @@ class RunLogger:
                 self.wandb.mark_preempting()     # wandb shows it as preempted, to be resumed (wandb_id.txt)
             except Exception:
                 pass
+        self._close_tb()
         self._finish_wandb()
 
     # -- plots ---------------------------------------------------------------------------------
@@ -187,9 +198,31 @@ class RunLogger:
         first = f", first step after {self.first_step_s:.1f}s" if self.first_step_s else ""
         total = time.time() - self.started
         print(f"done: {summary}{extra} in {total:.1f}s{first}; run directory {self.dir}", flush=True)
+        if self.tb is not None:
+            from lib.config import to_dict
+            self._tb("hparams", to_dict(self.cfg), metrics)
+        self._close_tb()
         self._finish_wandb()
 
-    # -- wandb -------------------------------------------------------------------------------------
+    def image(self, tag, chw, step):
+        """An image for TensorBoard (a GAN's sample grid): (C, H, W) floats in [0, 1]."""
+        self._tb("image", tag, chw, step)
+
+    # -- TensorBoard and wandb -----------------------------------------------------------------
+
+    def _tb(self, what, *args):
+        if self.tb is None:
+            return
+        try:
+            getattr(self.tb, what)(*args)
+        except Exception as e:  # TensorBoard must never stop training
+            print(f"warning: TensorBoard failed ({type(e).__name__}: {e}); continuing without it", flush=True)
+            self.tb = None
+
+    def _close_tb(self):
+        if self.tb is not None:
+            self._tb("close")
+            self.tb = None
 
     def _wandb_log(self, data, step):
         try:

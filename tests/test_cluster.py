@@ -187,10 +187,18 @@ def test_gpu_check_script_cpu_smoke_prints_and_writes_its_table(tmp_path):
     """issue 15: bench/gpu_check.sh's CPU-possible rows run here (bf16 autocast training with the loss
     falling, kill -9 at step k then resume == the unbroken run, the throughput bench); CUDA-only rows
     are SKIP with a reason. ~70 s on this 2-core VM."""
+    import psutil
     out_file = tmp_path / "results.md"
     r = subprocess.run(["bash", str(REPO / "bench/gpu_check.sh"), "--cpu-smoke", "--out", str(out_file)],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=170, env=helpers.env(PYTHON=PY))
+                       cwd=tmp_path, capture_output=True, text=True, timeout=170,
+                       env=helpers.env(PYTHON=PY, TMPDIR=tmp_path))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    left = []                                     # nothing it started may outlive it (a killed run's child did)
+    for p in psutil.process_iter(["cmdline", "cwd"]):
+        if str(tmp_path) in (p.info["cwd"] or "") and "train.py" in " ".join(p.info["cmdline"] or []):
+            left.append(p)
+            p.kill()
+    assert not left, f"{len(left)} training process(es) left behind by gpu_check.sh"
     table = out_file.read_text()
     assert table in r.stdout and "| check | result | detail |" in table
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1] for line in table.splitlines()

@@ -173,8 +173,12 @@ def test_schedule_and_gradient_clipping_apply_to_both_networks(tmp_path):
     and restored with the run), and with a clip of 1e-8 and plain SGD each step moves each network's
     parameters by lr x 1e-8 at most."""
     keys = ["optim.name=sgd", "optim.lr=0.1", "optim.momentum=0", "sched.name=cosine", "train.clip_grad_norm=1e-8",
-            "checkpoint.every_steps=1", "checkpoint.keep_last=5", "log.plots=false"]
+            "checkpoint.every_steps=1", "checkpoint.keep_last=5", "log.plots=false", "log.tensorboard.enabled=true"]
     ok(script("gan_train.py", *TINY[:-1], "train.max_steps=4", *keys, cwd=tmp_path))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "runs/dcgan_digits/tensorboard"), size_guidance={"images": 0})
+    events.Reload()                                # the sample grids reach TensorBoard too (issue #17)
+    assert [e.step for e in events.Images("samples")] == [4] and "train/loss_D" in events.Tags()["scalars"]
     ckpts = [state_dict(tmp_path / f"runs/dcgan_digits/checkpoints/step_{k:08d}.pt") for k in (1, 2)]
     for opt in ("optimizer_g", "optimizer_d"):
         lrs = [c[opt]["param_groups"][0]["lr"] for c in ckpts]

@@ -268,9 +268,11 @@ def test_a_checkpoint_of_format_1_still_resumes_bit_exactly(tmp_path):
     assert got["step"] == expected["step"] == 5 and got["format"] == expected["format"] == 1
     for k, v in expected["model"].items():
         assert torch.equal(v, got["model"][k]), k
-    wall = ("time_s",)
+    wall = ("time_s", "images_per_s", "epoch_time_s", "epoch")
     assert {k: v for k, v in got["metrics"].items() if k not in wall} == \
         {k: v for k, v in expected["metrics"].items() if k not in wall}
+    # Epochs now count from 1 in metrics too: the step-5 stop inside the first epoch is epoch 1, not 0.
+    assert got["metrics"]["epoch"] == expected["metrics"]["epoch"] + 1 == 1
 
 
 @pytest.mark.parametrize("overrides", [["train.deterministic=true"], ["train.tf32=false"], []])
@@ -352,3 +354,66 @@ def test_wandb_records_the_exit_code_and_a_nan_names_its_own_epoch(tmp_path):
     assert bad.returncode == 1, bad.stderr[-2000:]
     assert "(epoch 1)" in bad.stderr, bad.stderr[-2000:]
     assert _wandb_exit_codes(tmp_path / "runs/nan/wandb") == [1]
+
+
+def test_weight_ema_follows_its_recurrence_is_evaluated_and_can_pick_best(tmp_path):
+    """Issue #17: train.ema keeps EMA_k = lerp(EMA_{k-1}, W_k, 1 - decay) on every train.ema_every-th
+    step (a copy during train.ema_warmup_epochs), is evaluated beside the raw weights (val_ema/*),
+    saved in every checkpoint, and checkpoint.monitor may pick best.pt by it."""
+    args = ["train.py", *TINY, "train.epochs=2", "train.max_steps=4", "checkpoint.every_steps=1",
+            "checkpoint.keep_last=5", "train.ema=0.9", "train.ema_every=2", "checkpoint.monitor=val_ema/acc"]
+    out = ok(script(*args, cwd=tmp_path))
+    assert "weight EMA (decay 0.9, every 2 steps)" in out and "best val_ema/acc" in out
+    # A run cut by train.max_steps inside its first epoch reports that epoch as 1, as its log does (not 0).
+    assert "at epoch 1 in" in out and (tmp_path / "runs/default/metrics.csv").read_text().splitlines()[1][:2] == "1,"
+    ckpts = [state_dict(tmp_path / f"runs/default/checkpoints/step_{k:08d}.pt") for k in (1, 2, 3, 4)]
+    params = [n for n in ckpts[0]["model"] if "running" not in n and "num_batches" not in n]
+    for k in (3, 4):                                                  # steps 2 and 4 update it, 1 and 3 do not
+        now, before = ckpts[k - 1], ckpts[k - 2]
+        for n in params:
+            expected = torch.lerp(before["ema"][n], now["model"][n], 0.1) if k % 2 == 0 else before["ema"][n]
+            assert torch.allclose(now["ema"][n], expected, atol=1e-7, rtol=0), (k, n)
+            assert not torch.equal(now["ema"][n], now["model"][n])
+    assert int(ckpts[3]["ema"]["_ema_updates"]) == 2
+    last = state_dict(tmp_path / "runs/default/checkpoints/last.pt")
+    assert {"val/acc", "val_ema/acc", "val_ema/loss"} <= set(last["metrics"])
+    assert last["metrics"]["val_ema/acc"] != last["metrics"]["val/acc"]
+    assert state_dict(tmp_path / "runs/default/checkpoints/best.pt")["best"] == last["metrics"]["val_ema/acc"]
+    warm = ok(script(*args, "train.ema_warmup_epochs=100", "train.ema_every=1", "name=warm", cwd=tmp_path))
+    assert "weight EMA" in warm
+    last = state_dict(tmp_path / "runs/warm/checkpoints/last.pt")
+    assert all(torch.equal(last["ema"][n], last["model"][n]) for n in params)      # a copy during warmup
+    assert user_error(script("train.py", *TINY, "checkpoint.monitor=val_ema/acc", cwd=tmp_path)).count("val_ema") == 1
+
+
+def test_tensorboard_event_files_hold_the_metrics_csv_values(tmp_path, monkeypatch):
+    """Issue #17: log.tensorboard.enabled writes <run>/tensorboard/ with the same per-epoch values as
+    metrics.csv (epoch/*), the log-step scalars, the confusion matrix as an image and the hparams;
+    read back with tensorboard's own EventAccumulator. metrics.csv counts epochs from 1, as the log."""
+    import csv
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = ok(script("train.py", *TINY, "train.epochs=2", "train.log_every=4", "log.tensorboard.enabled=true",
+                    cwd=tmp_path))
+    run = tmp_path / "runs/default"
+    with open(run / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["1", "2"] and "best val/acc" in out and "at epoch 2" in out
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for key in ("val/acc", "val/loss", "train/loss", "lr", "images_per_s", "epoch_time_s"):
+        events = acc.Scalars(f"epoch/{key}")
+        assert [e.step for e in events] == [int(r["step"]) for r in rows], key
+        assert [e.value for e in events] == pytest.approx([float(r[key]) for r in rows], rel=1e-6), key
+    assert "train/loss" in tags["scalars"] and len(acc.Scalars("train/loss")) == 2 * 12 // 4
+    assert "val/confusion" in tags["images"]
+    assert any(p.name == "hparams" for p in (run / "tensorboard").iterdir())
+    import importlib.util
+
+    from lib import config, tensorboard
+    from lib.errors import UserError
+    real = importlib.util.find_spec                 # without the package: one sentence naming it
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(UserError, match="pip install tensorboard"):
+        tensorboard.check(config.load(config.Config, None, ["log.tensorboard.enabled=true"]).log)

@@ -146,7 +146,7 @@ class Run:
             mode = "min" if any(w in key for w in ("loss", "mse", "error")) else "max"
         better = state.best is None or (value > state.best if mode == "max" else value < state.best)
         if better and value == value:  # not NaN
-            state.best, state.best_epoch = value, state.epoch
+            state.best, state.best_epoch = value, metrics["epoch"]
             return True
         return False
 

@@ -121,6 +121,11 @@ class TrainCfg:
                                "autotuning, no TF32, CUBLAS_WORKSPACE_CONFIG=:4096:8 (slower)")
     tf32: bool = knob(True, "allow TF32 matmuls/convolutions on Ampere+ GPUs (off: full fp32; "
                       "train.deterministic turns it off)")
+    ema: Optional[float] = knob(None, "keep an exponential moving average of the weights with this decay per EMA "
+                                "update (e.g. 0.9998; null = off): evaluated and saved beside them (val_ema/*)")
+    ema_every: int = knob(1, "optimizer steps between EMA updates (torchvision's --model-ema-steps)")
+    ema_warmup_epochs: float = knob(0.0, "the EMA copies the weights until this many epochs have passed (torchvision "
+                                    "resets it during the lr warmup)")
 
 
 @dataclass
@@ -156,8 +161,15 @@ class WandbCfg:
 
 
 @dataclass
+class TensorBoardCfg:
+    enabled: bool = knob(False, "write TensorBoard event files to <run>/tensorboard (rank 0; needs the "
+                                "tensorboard package)")
+
+
+@dataclass
 class LogCfg:
     wandb: WandbCfg = section(WandbCfg, "Weights & Biases")
+    tensorboard: TensorBoardCfg = section(TensorBoardCfg, "TensorBoard")
     plots: bool = knob(True, "write curves.png (and confusion.png) in the run directory")
     progress: bool = knob(True, "show a progress bar on rank 0")
     verbose: bool = knob(False, "every rank prints its own line (host, device, CUDA_VISIBLE_DEVICES); "
