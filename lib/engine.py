@@ -74,6 +74,7 @@ def evaluate(model, loader, loss_fn, rt, task, num_classes=None):
     float64 / int64 and all-reduced once, so accuracy is the same with 1 or N processes. The raw
     module is used, so no DDP collective runs inside the loop (ranks may have different counts).
     """
+    rt.sync_buffers(model)          # batch-norm statistics: the same model on every rank (dist.sync_buffers)
     was_training = model.training
     model.eval()
     meter = Meter()

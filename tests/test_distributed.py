@@ -179,3 +179,41 @@ def test_slurm_gpu_binding_per_task_and_precedence(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     notes = runtime.prepare_env(config.load(config.Config, None, ["dist.gpus=1"]))   # dist.gpus wins
     assert e["CUDA_VISIBLE_DEVICES"] == "3" and "dist.gpus=1 selects CUDA_VISIBLE_DEVICES=3" in notes[0]
+
+
+@pytest.mark.parametrize("mode", ["broadcast", "mean"])
+def test_a_batch_norm_model_evaluates_the_same_in_run_and_from_its_checkpoint(tmp_path, mode):
+    """Issue #16 item 4: the default model (the FashionMNIST CNN, batch norm) trained by 2 processes:
+    its in-run validation equals `--eval-only` of the saved last.pt / best.pt in 1 process, because the
+    ranks' running statistics are made equal (dist.sync_buffers) before every evaluation and save."""
+    args = ["train.epochs=1", "log.plots=false", f"dist.sync_buffers={mode}"]
+    ok(torchrun("train.py", *args, cwd=tmp_path))
+    ckpt = state_dict(tmp_path / "runs/default/checkpoints/last.pt")
+    in_run = ckpt["metrics"]
+    assert ckpt["world_size"] == 2 and in_run["val/samples"] == 359
+    for name in ("last.pt", "best.pt"):
+        out = ok(script("train.py", *args, f"checkpoint.resume=runs/default/checkpoints/{name}", "--eval-only",
+                        cwd=tmp_path))
+        alone = json.loads(out.split("eval: ")[1].splitlines()[0])
+        assert alone["val/acc"] == in_run["val/acc"] and alone["val/top5"] == in_run["val/top5"], (name, alone)
+        assert alone["val/loss"] == pytest.approx(in_run["val/loss"], rel=1e-6), (name, alone, in_run)
+
+
+def test_sync_bn_converts_on_gpus_and_is_refused_on_cpu(tmp_path):
+    from types import SimpleNamespace
+
+    from lib.models import build_model
+    from lib.runtime import buffers
+    cfg = config.load(config.Config, None, [])
+    model = build_model(cfg.model, num_classes=10, in_channels=1, image_size=28, input_shape=(1, 28, 28))
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert n_bn > 0
+    converted, note = buffers.to_sync_batchnorm(model, SimpleNamespace(type="cuda"), 2)
+    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in converted.modules()) == n_bn
+    assert f"{n_bn} BatchNorm layers" in note
+    assert buffers.to_sync_batchnorm(model, torch.device("cpu"), 1)[1].startswith("model.sync_bn has no effect")
+    r = torchrun("train.py", "model.sync_bn=true", "train.max_steps=1", cwd=tmp_path)
+    # Each worker exits 2 with the sentence; torchrun itself reports a failed worker as 1.
+    assert r.returncode != 0 and "error: model.sync_bn=true needs CUDA" in r.stderr, r.stderr[-2000:]
+    assert "dist.sync_buffers" in r.stderr and "Traceback" not in r.stderr.split("error: model.sync_bn")[0]
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.pt"))

@@ -64,6 +64,7 @@ class Run:
         key = (state.epoch, state.batch, state.step)
         if key == self.last_saved and not best:
             return None
+        self.rt.sync_buffers(*_modules(objects))    # rank 0 writes the statistics every rank evaluates with
         rng = self.rt.gather_object(self.rt.rng_state())
         loop = state.collect(self.rt)                           # a collective too
         error, path = None, self.ckpt_dir / f"step_{state.step:08d}.pt"
@@ -188,3 +189,14 @@ class Run:
         self.resumed_from = self.resume_path
         self.last_saved = (state.epoch, state.batch, state.step)
         return True
+
+
+def _modules(objects):
+    """The torch modules among a checkpoint's objects (an EMA's averaged module included)."""
+    import torch
+    found = []
+    for obj in objects.values():
+        inner = obj if isinstance(obj, torch.nn.Module) else getattr(obj, "module", None)
+        if isinstance(inner, torch.nn.Module):
+            found.append(inner)
+    return found

@@ -70,6 +70,7 @@ class ModelCfg:
         None, "start from these weights: a state_dict .pt/.pth or a checkpoint of this package")
     head: Optional[list[int]] = knob(
         None, "hidden widths of an MLP head replacing the last linear layer, e.g. [400, 300]")
+    sync_bn: bool = knob(False, "BatchNorm as SyncBatchNorm under DDP (statistics over the global batch; GPUs only)")
     extra: dict = knob({}, "")
     OPEN = True
 
@@ -136,6 +137,9 @@ class DistCfg:
     deepspeed: Optional[str] = knob(None, "DeepSpeed JSON config for torchrun launches (configs/deepspeed/*.json)")
     timeout_s: int = knob(1800, "collective timeout in seconds (NCCL/gloo)")
     find_unused_parameters: bool = knob(False, "DDP option for models with unused parameters")
+    sync_buffers: Literal["broadcast", "mean"] = knob(
+        "broadcast", "before every evaluation and save, batch-norm statistics become rank 0's (broadcast, "
+                     "as DDP) or the ranks' mean (mean, as timm's distribute_bn)")
 
 
 @dataclass

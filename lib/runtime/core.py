@@ -15,6 +15,7 @@ import signal
 
 from lib import seeding
 from lib.errors import UserError
+import lib.runtime.buffers as buffers
 import lib.runtime.dist as dist
 import lib.runtime.launch as launch
 from lib.runtime.faults import inject_forward_fault
@@ -128,6 +129,9 @@ class Runtime:
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         model = inject_forward_fault(model, self.rank)     # fault-injection tests only (an env var)
+        if getattr(self.cfg.model, "sync_bn", False):
+            model, note = buffers.to_sync_batchnorm(model, self.device, self.world_size)
+            self.print0(note)
         if self.deepspeed:
             try:
                 model, optimizer = self.accelerator.prepare(model, optimizer)
@@ -169,6 +173,12 @@ class Runtime:
         if self.deepspeed:
             return self.accelerator.get_state_dict(self.engine)
         return self.unwrap(model).state_dict()
+
+    def sync_buffers(self, *modules):
+        """Batch-norm statistics made equal on every rank (dist.sync_buffers; a collective). Not under
+        DeepSpeed, whose engine owns the module (and ZeRO-3 evaluates through the engine)."""
+        if not self.deepspeed:
+            buffers.sync_buffers([self.unwrap(m) for m in modules], self.world_size, self.cfg.dist.sync_buffers)
 
     def no_sync(self, model, skip_sync):
         """No gradient all-reduce on accumulation micro-steps (DDP.no_sync)."""
