@@ -6,7 +6,6 @@ import random
 import shutil
 import signal
 import subprocess
-import time
 
 import pytest
 import torch
@@ -90,19 +89,14 @@ def test_slurm_template_reads_the_first_of_thousands_of_hosts(tmp_path):
     assert "--rdzv_endpoint=127.0.0.1:19242" in (tmp_path / "ran.log").read_text()
 
 
-def test_slurm_template_sigusr1_checkpoints_requeues_and_resumes(tmp_path):
+def test_slurm_templates_launch_one_torchrun_per_node(tmp_path):
+    """slurm/train.sh, gan.sh and finetune.sh under the scontrol/srun shims on 2 nodes x 1 process: one
+    torchrun agent per node meeting through the c10d rendezvous on the first host, USR1 forwarded.
+    (A USR1 stop, the requeue and the exact resume through train.sh are in tests/test_exact.py.)"""
     job = str(random.randint(100000, 999999))
-    proc, log = _sbatch(tmp_path, "train.sh", "train.epochs=40 train.log_every=2 log.plots=false", job)
-    metrics = tmp_path / "runs/default/metrics.jsonl"
-    deadline = time.time() + 180
-    while not metrics.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert proc.poll() is None, _wait(proc)
-    proc.send_signal(signal.SIGUSR1)                 # what `#SBATCH --signal=B:USR1@120` does
+    proc, log = _sbatch(tmp_path, "train.sh", "train.max_steps=3 log.plots=false", job)
     out = _wait(proc)
-    assert proc.returncode == 0, out[-3000:]         # the workers stopped cleanly (torchrun itself exits 1)
-    assert "training stopped cleanly: stopped by SIGUSR1 at step" in out and "requeued SLURM job" in out, out
-    assert not (REPO / f".train-stopped-{job}").exists()
+    assert proc.returncode == 0, out[-3000:]
     calls = log.read_text()
     assert "scontrol show hostnames node[1-2]" in calls
     for node in (0, 1):
@@ -111,19 +105,8 @@ def test_slurm_template_sigusr1_checkpoints_requeues_and_resumes(tmp_path):
                      f"--rdzv_endpoint=127.0.0.1:{15000 + int(job) % 5000}", "SIGUSR1",
                      "train.py --config configs/default.yaml"):
             assert part in line, line
-    assert "batch shell: got SIGUSR1" in out
-    assert f"scontrol requeue {job}" in calls                  # rank 0 asked SLURM to requeue the job
-    node0 = (tmp_path / "node0.log").read_text()
-    assert "stopped by SIGUSR1" in node0 and "Traceback" not in node0.split("stopped by SIGUSR1")[0]
-    stopped = state_dict(tmp_path / "runs/default/checkpoints/last.pt")
-    assert 0 < stopped["step"] < 40 * 12 and stopped["world_size"] == 2
-    # The requeued job starts the same script again and continues from that checkpoint.
-    proc, log = _sbatch(tmp_path, "train.sh", f"train.epochs=40 log.plots=false train.max_steps={stopped['step'] + 3}",
-                        job)
-    out = _wait(proc)
-    assert proc.returncode == 0, out[-3000:]
-    assert f"step {stopped['step']}" in (tmp_path / "node0.log").read_text().split("resumed from")[1].splitlines()[0]
-    assert state_dict(tmp_path / "runs/default/checkpoints/last.pt")["step"] == stopped["step"] + 3
+    assert not (REPO / f".train-stopped-{job}").exists()
+    assert state_dict(tmp_path / "runs/default/checkpoints/last.pt")["world_size"] == 2
     # The other two templates run end to end the same way: the DCGAN, then fine-tuning those weights.
     weights = tmp_path / "runs/default/checkpoints/last.pt"
     for template, config, overrides in (

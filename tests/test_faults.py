@@ -248,19 +248,6 @@ def test_one_failing_rank_ends_the_job_with_its_own_error(tmp_path):
     assert "Watchdog" not in output and "Traceback" not in output.split("[rank 1] error")[0]
 
 
-def test_a_hanging_rank_ends_the_job_within_the_timeout(tmp_path):
-    """Rank 1 stops answering after step 3 (held there, alive); rank 0's next collective times out
-    after dist.timeout_s and it ends the job with one sentence, not a stack trace or a watchdog dump."""
-    t = time.perf_counter()
-    r = torchrun("train.py", "model.name=mlp", "model.hidden=[64]", "dist.timeout_s=8", "train.epochs=1", *QUIET,
-                 cwd=tmp_path, timeout=200, TRAIN_FAULT_PAUSE_AT_STEP=3, TRAIN_FAULT_PAUSE_RANK=1)
-    elapsed = time.perf_counter() - t
-    assert r.returncode != 0 and elapsed < 60, (elapsed, r.stdout[-2000:], r.stderr[-2000:])
-    assert "[rank 1] paused for a fault test" in r.stdout
-    assert "stopped: another process of this job stopped answering" in r.stderr and "dist.timeout_s=8 s" in r.stderr
-    assert "[rank0]: Traceback" not in r.stderr and "Watchdog" not in r.stderr
-
-
 class _Evil:
     def __reduce__(self):
         return (os.system, ("touch PWNED",))
@@ -424,8 +411,9 @@ def test_the_control_group_honours_dist_timeout_s(monkeypatch):
 
 
 def test_a_hanging_rank_is_named_within_the_timeout(tmp_path):
-    """Rank 1 stops answering (held after step 3): the job ends within 20 s of a 10 s dist.timeout_s
-    with one sentence that names rank 1."""
+    """Rank 1 stops answering (held after step 3, alive): rank 0's next collective times out, and the
+    job ends within 20 s of a 10 s dist.timeout_s with one sentence that names rank 1, not a stack
+    trace or a watchdog dump."""
     proc = helpers.start(_launch("train.py", "torchrun") + [*TRAIN, "dist.timeout_s=10", "train.epochs=1"], tmp_path,
                          TRAIN_FAULT_PAUSE_AT_STEP=3, TRAIN_FAULT_PAUSE_RANK=1)
     lines, paused = [], None
@@ -462,10 +450,10 @@ def test_an_out_of_memory_error_exits_1_with_advice_and_the_checkpoint_intact(tm
 def test_an_exception_from_the_model_exits_1_cleanly_in_every_launch(tmp_path):
     """Rank 1's forward raises at step 2 under torchrun: every launch exits 1 (no abort: no SIGABRT,
     'terminate called' or 'Aborted'), rank 1's traceback is shown once and named, rank 0 names rank 1.
-    4 launches in the suite (~15 s each on 2 cores); TRAIN_TEST_CRASH_LAUNCHES=20 for the full check."""
+    2 launches in the suite (~6 s each on 2 cores); TRAIN_TEST_CRASH_LAUNCHES=20 for the full check."""
     tiny = ["model.name=mlp", "model.hidden=[8]", "data.batch_size=64", "train.epochs=1", "train.max_steps=4",
             "train.log_every=1", *QUIET]
-    t, launches = time.perf_counter(), int(os.environ.get("TRAIN_TEST_CRASH_LAUNCHES", "4"))
+    t, launches = time.perf_counter(), int(os.environ.get("TRAIN_TEST_CRASH_LAUNCHES", "2"))
     for i in range(launches):
         r = torchrun("train.py", *tiny, f"name=run{i}", cwd=tmp_path, timeout=60,
                      TRAIN_FAULT_RAISE_AT_STEP=2, TRAIN_FAULT_RAISE_RANK=1)
