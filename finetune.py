@@ -62,12 +62,7 @@ def main(cfg):
         rt.print0(f"resumed from {run.resumed_from} at epoch {state.epoch + 1}, batch {state.batch}, "
                   f"step {state.step}")
 
-    def evaluate():
-        metrics = engine.evaluate(rt.eval_model(wrapped), data.val, loss_fn, rt, task, inputs["num_classes"])
-        if ema is not None:                             # the EMA weights, evaluated the same way: val_ema/*
-            metrics.update(weight_ema.ema_metrics(
-                engine.evaluate(ema.module, data.val, loss_fn, rt, task, inputs["num_classes"])))
-        return metrics
+    evaluate = engine.make_evaluate(rt, wrapped, data.val, loss_fn, task, inputs["num_classes"], ema)   # (+ val_ema/*)
 
     if cfg.train.eval_only:                             # evaluate the loaded weights; write nothing
         return engine.evaluate_only(rt, evaluate)

@@ -46,12 +46,7 @@ def main(cfg):
               f"{cfg.optim.name} (lr {cfg.optim.lr:g}); schedule {cfg.sched.name}"
               + (f"; weight EMA (decay {cfg.train.ema:g}, every {cfg.train.ema_every} steps)" if ema else ""))
 
-    def evaluate():
-        metrics = engine.evaluate(rt.eval_model(model), data.val, loss_fn, rt, task, inputs["num_classes"])
-        if ema is not None:                             # the EMA weights, evaluated the same way: val_ema/*
-            metrics.update(weight_ema.ema_metrics(
-                engine.evaluate(ema.module, data.val, loss_fn, rt, task, inputs["num_classes"])))
-        return metrics
+    evaluate = engine.make_evaluate(rt, model, data.val, loss_fn, task, inputs["num_classes"], ema)   # (+ val_ema/*)
 
     # 4) Resume where the run stopped (if it did), then write config.yaml and env.json.
     state = engine.LoopState()

@@ -60,8 +60,3 @@ def for_run(train_cfg, model, updates_per_epoch: int):
     ema = EMA(model, train_cfg.ema, ramp=False)
     warmup = round(train_cfg.ema_warmup_epochs * updates_per_epoch)
     return ema, ema_hook(ema, model, train_cfg.ema_every, warmup)
-
-
-def ema_metrics(val_metrics: dict) -> dict:
-    """The EMA's evaluation under its own names: val/acc -> val_ema/acc (no confusion matrix)."""
-    return {k.replace("val/", "val_ema/", 1): v for k, v in val_metrics.items() if k.startswith("val/")}

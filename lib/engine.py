@@ -113,6 +113,19 @@ def evaluate(model, loader, loss_fn, rt, task, num_classes=None):
     return out
 
 
+def make_evaluate(rt, model, loader, loss_fn, task, num_classes=None, ema=None):
+    """The eval_fn of train.py and finetune.py: evaluate(model) (the module rt.eval_model picks), and
+    with a weight EMA (train.ema) the EMA's module too, reported as val_ema/*."""
+    def run():
+        metrics = evaluate(rt.eval_model(model), loader, loss_fn, rt, task, num_classes)
+        if ema is not None:
+            ema_metrics = evaluate(ema.module, loader, loss_fn, rt, task, num_classes)
+            metrics.update({k.replace("val/", "val_ema/", 1): v for k, v in ema_metrics.items()
+                            if k.startswith("val/")})
+        return metrics
+    return run
+
+
 class NonFiniteGuard:
     """Finds the first step whose loss is NaN/inf without a per-step host sync or kernel: it keeps
     references to the steps' loss tensors and looks at them only when checked (log lines,

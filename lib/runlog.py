@@ -161,11 +161,14 @@ class RunLogger:
             self.plot()
         if self.wandb is not None:
             try:
-                self.wandb.mark_preempting()     # wandb shows it as preempted, to be resumed (wandb_id.txt)
+                self.wandb.mark_preempting()     # to be resumed (wandb_id.txt keeps the run id)
             except Exception:
                 pass
         self._close_tb()
-        self._finish_wandb()
+        # The process exits 0 (a clean stop), but wandb takes exit code 0 for a finished run: it gets the
+        # signal's 128 + number, so a preempted run shows as preempted, not finished.
+        import signal
+        self._finish_wandb(exit_code=128 + getattr(signal, signal_name, signal.SIGTERM))
 
     # -- plots ---------------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -136,6 +137,83 @@ def test_srun_python_without_torchrun_trains_two_processes(tmp_path):
     assert all(p.returncode == 0 for p in procs), outs[0][-2000:] + outs[1][-2000:]
     assert "DDP, 2 process(es)" in outs[0] and "launcher srun" in outs[0]
     assert f"srun launch: rank 0/2, master localhost:{runtime.slurm_port(job)}" in outs[0]
+    assert state_dict(tmp_path / "runs/default/checkpoints/last.pt")["world_size"] == 2
+
+
+# A sitecustomize for the tasks of a test (on their PYTHONPATH). It logs, with the SLURM task's SLURM_LOCALID,
+# every rename into the folder $PROBE_DIR (lib/io.py's atomic writes end in that rename: one line per
+# decode-cache file written, and by whom), and at exit the launch variables train.py set for Accelerate
+# (LOCAL_RANK: the device index, cuda:<LOCAL_RANK> on GPUs) and for itself (TRAIN_LOCAL_RANK: the task on the node).
+PROBE = """import atexit
+import os
+
+_replace, _env = os.replace, os.environ
+
+
+def _log(line):
+    with open(_env["PROBE_LOG"], "a") as f:
+        f.write(_env.get("SLURM_LOCALID", "-") + " " + line + "\\n")
+
+
+def _logged(src, dst, *args, **kwargs):
+    if os.path.dirname(os.path.abspath(dst)) == _env["PROBE_DIR"]:
+        _log("wrote " + os.path.basename(dst))
+    return _replace(src, dst, *args, **kwargs)
+
+
+os.replace = _logged
+atexit.register(lambda: _log(" ".join(k + "=" + _env.get(k, "unset") for k in (
+    "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TRAIN_LOCAL_RANK", "TRAIN_LOCAL_WORLD_SIZE"))))
+"""
+
+
+def test_srun_gpus_per_task_layout_end_to_end(tmp_path):
+    """Issue #15 item 6 through the real script: `srun --ntasks-per-node=2 --gpus-per-task=1` starts two
+    `python train.py` tasks on one node, each shown its own GPU (CUDA_VISIBLE_DEVICES=0 / =1, SLURM_LOCALID
+    0 / 1). Each task computes on its own index-0 device (LOCAL_RANK=0 in both), yet the node-local rank
+    stays SLURM's: only task 0 decodes the image folder and writes its cache (every file once), and rank 0's
+    `ranks:` line shows each rank's CUDA_VISIBLE_DEVICES. On this CPU-only machine the device is the CPU
+    and CUDA_VISIBLE_DEVICES is only reported; the launch facts are the same as on GPUs."""
+    folder = helpers.write_image_folder(tmp_path / "imgs", n=64, size=8, split=True)
+    probe, log = tmp_path / "probe", tmp_path / "probe.log"
+    probe.mkdir()
+    (probe / "sitecustomize.py").write_text(PROBE)
+    path = os.pathsep.join(p for p in (str(probe), os.environ.get("PYTHONPATH", "")) if p)
+    job = str(random.randint(100000, 999999))
+    procs = []
+    try:
+        for task in (0, 1):
+            env = helpers.env(SLURM_PROCID=task, SLURM_LOCALID=task, SLURM_NTASKS=2, SLURM_NTASKS_PER_NODE=2,
+                              SLURM_GPUS_PER_TASK=1, SLURM_STEP_GPUS="0,1", CUDA_VISIBLE_DEVICES=task,
+                              SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID=job, SLURM_NODEID=0, OMP_NUM_THREADS=1,
+                              PYTHONPATH=path, PROBE_DIR=folder / ".cache", PROBE_LOG=log)
+            procs.append(subprocess.Popen(
+                [PY, str(REPO / "train.py"), *SAME, "train.max_steps=3", "data.name=image_folder",
+                 f"data.images={folder}", "data.image_size=8", "data.cache=true", "data.loader=memory"],
+                cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                start_new_session=True))
+        outs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:                              # never leave a task behind (a hung peer waits in gloo)
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    assert all(p.returncode == 0 for p in procs), outs[0][-2000:] + outs[1][-2000:]
+    assert "DDP, 2 process(es)" in outs[0] and "launcher srun" in outs[0], outs[0]
+    # The runtime note names the task on the node (from SLURM_LOCALID) apart from the GPU and the device index.
+    assert "CUDA_VISIBLE_DEVICES=0 (set by SLURM)" in outs[0], outs[0]
+    assert "SLURM bound GPU 0 to this task; it is this process's cuda:0 (task 0 of 2 on this node)" in outs[0]
+    ranks = re.search(r"^ranks: 2 ranks on 1 host\(s\): \S+ \[0 (\S+) \(CVD=0\), 1 (\S+) \(CVD=1\)\]$", outs[0], re.M)
+    assert ranks and ranks[1] == ranks[2] and ranks[1].startswith("cpu"), outs[0]     # one device (cuda:0 on GPUs)
+    logged = log.read_text().splitlines()
+    for task in (0, 1):        # device index 0 in both (each task's one GPU), the task on the node SLURM's
+        assert f"{task} LOCAL_RANK=0 LOCAL_WORLD_SIZE=1 TRAIN_LOCAL_RANK={task} TRAIN_LOCAL_WORLD_SIZE=2" in logged
+    cached = sorted(p.name for p in (folder / ".cache").glob("*.pt"))
+    assert len(cached) == 2 and cached[0].startswith("image_folder-train-"), cached
+    writes = sorted(s for s in logged if " wrote " in s)
+    assert writes == [f"0 wrote {name}" for name in cached], logged      # each file once, by task 0 only
+    # ... and decoded once: task 0 first, then task 1 reads what it cached (main_process_first per node).
+    assert outs[0].count("decoding ") == 2 and "decoding " not in outs[1], outs
     assert state_dict(tmp_path / "runs/default/checkpoints/last.pt")["world_size"] == 2
 
 

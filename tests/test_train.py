@@ -313,9 +313,10 @@ def test_a_deterministic_run_trains_on_cpu_and_repeats_exactly(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _wandb_exit_codes(run_dir):
+def _wandb_exit_codes(run_dir, kinds=None):
     """The exit records in a run's offline .wandb files, read with wandb's protobuf Record and the
-    leveldb-log framing wandb writes (7-byte file header; 32 KiB blocks of crc32/length/type chunks)."""
+    leveldb-log framing wandb writes (7-byte file header; 32 KiB blocks of crc32/length/type chunks).
+    `kinds`, a list, collects every record's type too."""
     import struct
 
     from wandb.proto import wandb_internal_pb2
@@ -336,6 +337,8 @@ def _wandb_exit_codes(run_dir):
                 record = wandb_internal_pb2.Record()
                 record.ParseFromString(parts)
                 parts = b""
+                if kinds is not None:
+                    kinds.append(record.WhichOneof("record_type"))
                 if record.WhichOneof("record_type") == "exit":
                     codes.append(record.exit.exit_code)
     return codes
@@ -354,6 +357,49 @@ def test_wandb_records_the_exit_code_and_a_nan_names_its_own_epoch(tmp_path):
     assert bad.returncode == 1, bad.stderr[-2000:]
     assert "(epoch 1)" in bad.stderr, bad.stderr[-2000:]
     assert _wandb_exit_codes(tmp_path / "runs/nan/wandb") == [1]
+
+
+def test_a_preempted_wandb_run_is_marked_and_its_resume_continues_the_same_run(tmp_path):
+    """Issue #15 item 5: a wandb run (offline) stopped by SIGTERM mid-epoch writes its checkpoint and exits
+    0 (DESIGN.md section 4: a graceful stop is a clean exit); its .wandb file holds the preempting mark,
+    then an exit record of 143 (128 + SIGTERM: wandb reads 0 as finished). The same command again
+    resumes from the checkpoint, keeps wandb_id.txt and continues that wandb run (a second offline-run
+    folder of the same id), ending with exit record 0 and no preempting mark."""
+    import signal
+    import threading
+    args = ["train.py", *TINY, "train.epochs=1", "log.wandb.enabled=true", "log.progress=false"]
+    proc = helpers.start([helpers.PY, helpers.REPO / args[0], *args[1:]], tmp_path, WANDB_MODE="offline",
+                         TRAIN_FAULT_PAUSE_AT_STEP=2, TRAIN_FAULT_PAUSE_THEN="continue")
+    watchdog = threading.Timer(120, helpers.kill_tree, [proc])     # bounds the blocking reads below
+    watchdog.start()
+    try:
+        seen = ""
+        for line in proc.stdout:                      # it holds after step 2; SIGTERM it there, then it
+            seen += line                              # trains on to the next step boundary and stops
+            if "paused for a fault test" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        out = seen + proc.communicate(timeout=120)[0]
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            helpers.kill_tree(proc)
+    assert proc.returncode == 0 and "stopped by SIGTERM at epoch 1, step 3; checkpoint written" in out, out[-3000:]
+    run = tmp_path / "runs/default"
+    run_id = (run / "wandb_id.txt").read_text().strip()
+    [stopped] = list((run / "wandb").glob(f"offline-run-*-{run_id}"))
+    kinds = []
+    assert proc.returncode == 0                                   # a clean stop; wandb gets 128 + SIGTERM, so it
+    assert _wandb_exit_codes(stopped, kinds) == [143], kinds       # shows the run preempted, not finished
+    assert "preempting" in kinds and kinds.index("preempting") < kinds.index("exit"), kinds
+    again = ok(script(*args, cwd=tmp_path, WANDB_MODE="offline"))
+    assert "resumed from" in again and "at epoch 1, batch 3, step 3" in again, again
+    assert (run / "wandb_id.txt").read_text().strip() == run_id
+    folders = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2 and folders[0] == stopped and folders[1].name.endswith(f"-{run_id}"), folders
+    kinds = []
+    assert _wandb_exit_codes(folders[1], kinds) == [0] and "preempting" not in kinds, kinds
+    assert state_dict(run / "checkpoints/last.pt")["step"] == 12
 
 
 def test_weight_ema_follows_its_recurrence_is_evaluated_and_can_pick_best(tmp_path):

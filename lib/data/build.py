@@ -6,6 +6,7 @@ and their BatchTransform.
 The runtime is passed in, never imported: anything with rank, world_size, local_rank, device and
 main_process_first() serves (or nothing: one CPU process).
 """
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,9 @@ class _Context:
             return fn()
         with self.rt.main_process_first():
             fn()
+
+    def first_per_node(self):
+        return self.rt.main_process_first() if self.rt is not None else contextlib.nullcontext()
 
     def cached(self, tag, sources, build, check=None):
         return disk_cached(tag, sources, build, enabled=self.d.cache,
@@ -117,6 +121,8 @@ def _subset_classes(spec, classes):
 def _decode_to_memory(split, spec, d, rt, tag):
     """Decode every file of a split once (in parallel workers), skipping or reporting bad ones."""
     def build():
+        print(f"decoding {len(split)} images of {spec.root} into memory"
+              + (f" (rank {rt.rank}; cached for the others)" if rt is not None and d.cache else ""), flush=True)
         ds = FileDataset(split, spec)
         dl = torch.utils.data.DataLoader(ds, batch_size=64, num_workers=d.num_workers, collate_fn=collate,
                                          worker_init_fn=ignore_stop_signals)
@@ -166,8 +172,11 @@ def build_data(cfg, rt=None, device: torch.device | None = None) -> Data:
         raise UserError(f"data.name={d.name} has {spec.num_classes} classes but model.num_classes="
                         f"{cfg.model.num_classes}; raise model.num_classes or pick classes with data.classes.")
     if loader == "memory" and files:
-        spec.train = _decode_to_memory(spec.train, spec, d, rt, f"{spec.name}-train")
-        spec.val = _decode_to_memory(spec.val, spec, d, rt, f"{spec.name}-val")
+        # Each node's first process decodes and writes the cache; the others then read it (one decode
+        # and one writer per node). Without the cache every process decodes for itself.
+        with ctx.first_per_node() if d.cache else contextlib.nullcontext():
+            spec.train = _decode_to_memory(spec.train, spec, d, rt, f"{spec.name}-train")
+            spec.val = _decode_to_memory(spec.val, spec, d, rt, f"{spec.name}-val")
     channels = d.channels or (cfg.model.in_channels if cfg.model.in_channels in (1, 3) else None)
     transform = BatchTransform(spec, d, device, channels_last=cfg.train.channels_last, channels=channels)
     common = dict(transform=transform, device=device, rank=rank, world=world, seed=cfg.seed)
