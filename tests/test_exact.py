@@ -61,7 +61,8 @@ def _read_until_paused(proc, ranks=2, timeout=120):
         if line is None:
             raise AssertionError("the run ended before pausing:\n" + "".join(seen)[-3000:])
         seen.append(line)
-        if sum("paused for a fault test" in s for s in seen) == ranks:
+        text = "".join(seen)                  # two ranks' lines can share one line of the launcher's output
+        if all(f"[rank {r}] paused for a fault test" in text for r in range(ranks)):
             proc.pending = lines                  # the rest of the output, for _rest()
             return "".join(seen)
     helpers.kill_tree(proc)

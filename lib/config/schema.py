@@ -70,7 +70,8 @@ class ModelCfg:
         None, "start from these weights: a state_dict .pt/.pth or a checkpoint of this package")
     head: Optional[list[int]] = knob(
         None, "hidden widths of an MLP head replacing the last linear layer, e.g. [400, 300]")
-    sync_bn: bool = knob(False, "BatchNorm as SyncBatchNorm under DDP (statistics over the global batch; GPUs only)")
+    sync_bn: bool = knob(False, "BatchNorm as SyncBatchNorm with several processes (statistics over the global "
+                         "batch; GPUs only, refused on CPU: dist.sync_buffers still applies)")
     extra: dict = knob({}, "")
     OPEN = True
 
@@ -139,7 +140,7 @@ class DistCfg:
     find_unused_parameters: bool = knob(False, "DDP option for models with unused parameters")
     sync_buffers: Literal["broadcast", "mean"] = knob(
         "broadcast", "before every evaluation and save, batch-norm statistics become rank 0's (broadcast, "
-                     "as DDP) or the ranks' mean (mean, as timm's distribute_bn)")
+                     "as DDP) or the ranks' mean (mean, as timm's distribute_bn); integer buffers: rank 0's")
 
 
 @dataclass

@@ -81,6 +81,8 @@ class Runtime:
         self._stop_signal = None            # the name of the first stop signal received
         self._old_handlers = {}
         launch.set_numerics(torch, cfg.train, self.device.type == "cuda")   # deterministic / tf32 flags
+        self.sync_bn, note = buffers.check_sync_bn(cfg.model, self.device, self.world_size)   # CPU: refused
+        self.notes += [note] if note else []
         if self.world_size > 1:
             self._control_group = dist.make_control_group(cfg.dist.timeout_s)
         self.engine = None                  # the DeepSpeed engine, once prepare() made it
@@ -129,9 +131,9 @@ class Runtime:
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         model = inject_forward_fault(model, self.rank)     # fault-injection tests only (an env var)
-        if getattr(self.cfg.model, "sync_bn", False):
-            model, note = buffers.to_sync_batchnorm(model, self.device, self.world_size)
-            self.print0(note)
+        if self.sync_bn:
+            model, n = buffers.to_sync_batchnorm(model)
+            self.print0(f"model.sync_bn: {n} BatchNorm layers synchronised over the {self.world_size} processes")
         if self.deepspeed:
             try:
                 model, optimizer = self.accelerator.prepare(model, optimizer)
@@ -175,10 +177,10 @@ class Runtime:
         return self.unwrap(model).state_dict()
 
     def sync_buffers(self, *modules):
-        """Batch-norm statistics made equal on every rank (dist.sync_buffers; a collective). Not under
-        DeepSpeed, whose engine owns the module (and ZeRO-3 evaluates through the engine)."""
-        if not self.deepspeed:
-            buffers.sync_buffers([self.unwrap(m) for m in modules], self.world_size, self.cfg.dist.sync_buffers)
+        """Batch-norm statistics made equal on every rank (dist.sync_buffers; a collective every rank
+        calls before evaluating or saving). Under DeepSpeed too: its engine never broadcasts buffers
+        after it starts, and no ZeRO stage partitions them, so the raw module's are plain tensors."""
+        buffers.sync_buffers([self.unwrap(m) for m in modules], self.world_size, self.cfg.dist.sync_buffers)
 
     def no_sync(self, model, skip_sync):
         """No gradient all-reduce on accumulation micro-steps (DDP.no_sync)."""
