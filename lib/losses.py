@@ -32,7 +32,15 @@ def snake(name):
 
 
 def _onehot(out, y):
+    """Class indices as one-hot rows; soft targets (mixup / cutmix: rows of class weights) as they are."""
+    if y.is_floating_point():
+        return y.to(out.dtype)
     return F.one_hot(y, out.shape[1]).to(out.dtype)
+
+
+def _classes(out, y):
+    """Class indices as they are; soft targets in the output's dtype (cross-entropy takes both)."""
+    return out, (y.to(out.dtype) if y.is_floating_point() else y)
 
 
 def _label_then_padding(out, y):
@@ -46,7 +54,7 @@ def _identity(out, y):
 
 # For each torch loss: {task: adapter(out, y) -> (input, target)}; an empty dict (with a reason) = refused.
 _CLASSIFY = {
-    "cross_entropy": _identity,
+    "cross_entropy": _classes,
     "nll": lambda out, y: (F.log_softmax(out, 1), y),
     "multi_margin": _identity,
     "bce_with_logits": lambda out, y: (out, _onehot(out, y)),
@@ -125,7 +133,9 @@ class RegressL2(nn.Module):
         return ((x.unsqueeze(1) - y) ** 2).sum(dim=(1, 2)).mean()
 
 
-LOSSES.add("focal", FocalLoss, tasks={"classification": _identity})
+LOSSES.add("focal", FocalLoss, tasks={"classification": _classes})
+# Classification losses that need class indices, so cannot take mixup / cutmix's soft targets.
+HARD_TARGETS = ("nll", "multi_margin", "multilabel_margin")
 LOSSES.add("regress_l2", RegressL2, tasks={"regression": _identity})
 
 
@@ -140,6 +150,11 @@ def check(cfg, task: str) -> None:
         reason = meta.get("refused") or f"it serves {', '.join(meta['tasks']) or 'no task of this package'}"
         raise UserError(f"loss.name={section.name} cannot train {task} ({reason}); for {task} use one of: "
                         f"{choices_text(serve)}.")
+    if task == "classification" and section.name in HARD_TARGETS and \
+            (cfg.data.mixup_alpha > 0 or cfg.data.cutmix_alpha > 0):
+        raise UserError(f"loss.name={section.name} needs class indices, but mixup / cutmix make soft targets; use "
+                        f"cross_entropy (label_smoothing composes with them) or set data.mixup_alpha and "
+                        f"data.cutmix_alpha to 0.")
     reduction = section.extra.get("reduction", DEFAULT_ARGS.get(section.name, {}).get("reduction", "mean"))
     if reduction not in ("mean", "batchmean"):
         raise UserError(f"loss.reduction={reduction} is not supported: losses are averaged over the batch so "

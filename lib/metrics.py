@@ -71,6 +71,8 @@ class Meter:
 def classification_stats(out, y, loss, top5=False):
     """Per-batch sums: loss, top-1 correct (and top-5 correct at evaluation), and the sample count."""
     b = y.shape[0]
+    if y.is_floating_point():                   # mixup / cutmix targets: the class of largest weight
+        y = y.argmax(1)
     stats = {"loss": loss.detach() * b, "acc": (out.argmax(1) == y).sum(dtype=torch.float32), "count": b}
     if top5 and out.shape[1] >= 5:
         stats["top5"] = (out.topk(5, dim=1).indices == y[:, None]).any(1).sum(dtype=torch.float32)

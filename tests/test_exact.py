@@ -16,9 +16,14 @@ import helpers
 from helpers import PY, REPO, ok, read_jsonl, script, state_dict
 
 QUIET = ["log.plots=false", "log.progress=false"]
-# A small file-path run: ~100 training images, 2 processes x 8 per batch -> 6-7 steps an epoch, 2 epochs.
-FILES = ["model.name=mlp", "model.hidden=[32]", "data.image_size=16",
-         "data.batch_size=8", "data.augment=crop_flip", "data.loader=dataloader", "data.num_workers=2",
+# A small file-path run: ~100 training images, 2 processes x 8 per batch -> 6-7 steps an epoch, 2 epochs,
+# with every augmentation on (issue 17): RandomResizedCrop + flip in the workers, RandAugment, random
+# erasing, and mixup / cutmix (which pair samples within a rank's micro-batch, so a new layout has no
+# mixing: MIX_OFF).
+MIX_OFF = ("data.mixup_alpha=0", "data.cutmix_alpha=0")
+FILES = ["model.name=mlp", "model.hidden=[32]", "data.train_crop=16", "data.eval_resize=18",
+         "data.auto_augment=randaugment", "data.random_erasing=0.25", "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0",
+         "data.batch_size=8", "data.loader=dataloader", "data.num_workers=2",
          "data.cache=false", "train.epochs=2", "train.log_every=1", "checkpoint.every_steps=2", "name=run", *QUIET]
 TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--monitor-interval=0.5"]
 
@@ -92,19 +97,20 @@ def _same_run(a_dir, b_dir):
 _REFERENCES = {}
 
 
-def _reference(kind, tmp_path_factory):
-    """(data args, folder of the unbroken 2-process torchrun run) for a file-path dataset kind, made once."""
-    if kind not in _REFERENCES:
+def _reference(kind, tmp_path_factory, extra=()):
+    """(data args, folder of the unbroken 2-process torchrun run) for a file-path dataset kind (and
+    extra arguments), made once."""
+    if (kind, extra) not in _REFERENCES:
         root = tmp_path_factory.mktemp(kind)
-        args = _data_args(root, kind)
+        args = [*_data_args(root, kind), *extra]
         ref = root / "reference"
         ref.mkdir()
         proc = helpers.start([*TORCHRUN, REPO / "train.py", *FILES, *args], ref)
         out = proc.communicate(timeout=300)[0]
         assert proc.returncode == 0, out[-3000:]
         assert state_dict(ref / "runs/run/checkpoints/last.pt")["step"] in (12, 14)   # 6 or 7 steps an epoch
-        _REFERENCES[kind] = args, ref
-    return _REFERENCES[kind]
+        _REFERENCES[kind, extra] = args, ref
+    return _REFERENCES[kind, extra]
 
 
 @pytest.fixture(scope="module", params=["image_folder", "image_csv"])
@@ -263,7 +269,7 @@ def test_a_new_world_size_on_the_file_path_with_augmentation(tmp_path, tmp_path_
     """The DataLoader path with augmentation: killed on 2 processes x 8, resumed on 1 process x 8 x
     grad_accum 2 with no workers: allclose to the unbroken 2-process run (each sample augmented as it
     was)."""
-    args, ref = _reference("image_folder", tmp_path_factory)
+    args, ref = _reference("image_folder", tmp_path_factory, MIX_OFF)
     proc = helpers.start([*TORCHRUN, REPO / "train.py", *FILES, *args], tmp_path, TRAIN_FAULT_PAUSE_AT_STEP=5)
     helpers.wait_for_step(tmp_path / "runs/run", 5, proc)
     helpers.kill_tree(proc)

@@ -18,7 +18,12 @@ import helpers
 from helpers import PY, REPO, ok, read_jsonl, script, state_dict, torchrun
 
 QUIET = ["log.plots=false", "log.progress=false"]
-TRAIN = ["model.name=mlp", "model.hidden=[64]", "model.dropout=0.2", "model.init={name: default}", "data.batch_size=64",
+# Every augmentation on (issue 17), on the memory path: per-image RandomResizedCrop + TrivialAugmentWide,
+# random erasing, mixup / cutmix.
+AUGMENT = ["data.train_crop=28", "data.eval_resize=32", "data.auto_augment=trivialaugment", "data.random_erasing=0.25",
+           "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0"]
+TRAIN = [*AUGMENT, "model.name=mlp", "model.hidden=[64]", "model.dropout=0.2", "model.init={name: default}",
+         "data.batch_size=64",
          "train.epochs=2", "train.ema=0.99", "train.log_every=1", "checkpoint.every_steps=4", "name=run", *QUIET]
 GAN = ["--config", REPO / "configs/dcgan_digits.yaml", "gan.g_features=8", "gan.d_features=8", "gan.latent_dim=16",
        "data.batch_size=64", "gan.sample_every=100", "gan.grid=16", "gan.ema=0.9", "train.log_every=1",

@@ -41,6 +41,31 @@ class DataCfg:
     shuffle: bool = knob(True, "shuffle training data each epoch (order = f(seed, epoch))")
     augment: Literal["none", "crop", "crop_flip"] = knob(
         "none", "training augmentation, per batch on the device: random crop with padding, and horizontal flip")
+    train_crop: Optional[int] = knob(
+        None, "RandomResizedCrop + flip to this side for training, Resize(eval_resize) + CenterCrop(eval_crop) for "
+              "evaluation, per image (torchvision's recipe, aspect ratio kept); null = square resize to image_size")
+    crop_scale: list[float] = knob([0.08, 1.0], "RandomResizedCrop area range, as a fraction of the image")
+    crop_ratio: list[float] = knob([0.75, 1.3333333], "RandomResizedCrop aspect-ratio (w/h) range")
+    hflip: float = knob(0.5, "train_crop: probability of a horizontal flip")
+    eval_resize: int = knob(256, "train_crop: shorter side of the evaluation resize (232 in the new recipe)")
+    eval_crop: Optional[int] = knob(None, "train_crop: side of the evaluation centre crop; null = train_crop")
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = knob(
+        "bilinear", "train_crop: resampling of the crops and the evaluation resize (antialiased)")
+    auto_augment: Literal["none", "trivialaugment", "randaugment", "autoaugment"] = knob(
+        "none", "train_crop: TrivialAugmentWide, RandAugment or AutoAugment (ImageNet policy), per image")
+    ra_magnitude: int = knob(9, "randaugment: magnitude of each operation (0-30)")
+    ra_num_ops: int = knob(2, "randaugment: operations per image")
+    random_erasing: float = knob(0.0, "probability of RandomErasing per training image (torchvision's defaults)")
+    mixup_alpha: float = knob(0.0, "mixup Beta(alpha, alpha) per batch (0 = off); targets become soft")
+    cutmix_alpha: float = knob(0.0, "cutmix Beta(alpha, alpha) per batch (0 = off); with mixup one of them per batch")
+    mix_switch_prob: float = knob(0.5, "with mixup and cutmix both on: probability a batch uses cutmix")
+    decoder: Literal["auto", "torchcodec", "pil"] = knob(
+        "auto", "JPEG decoder of the image files: torchcodec when installed (PIL for other formats), or pil")
+    val_labels: Optional[str] = knob(
+        None, "image_folder: labels of a flat val/ folder (ImageNet layout): a CSV (file, label) or "
+              "ILSVRC2012_validation_ground_truth.txt")
+    class_index: Optional[str] = knob(
+        None, "image_folder: class order and names: imagenet_class_index.json or LOC_synset_mapping.txt")
     normalize: Literal["dataset", "imagenet", "symmetric", "none"] = knob(
         "dataset", "per-channel statistics: dataset, imagenet, symmetric ([0,1] -> [-1,1], for tanh GANs), none")
     val_fraction: float = knob(0.2, "held-out fraction for datasets without an official validation split")

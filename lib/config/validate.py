@@ -32,6 +32,23 @@ def check_values(cfg):
     need(d.memory_limit_gb > 0, "data.memory_limit_gb", "must be positive")
     need(d.num_samples is None or d.num_samples >= 2, "data.num_samples", "must be at least 2")
     need(d.seq_len >= 2, "data.seq_len", "must be at least 2")
+    if d.train_crop is not None:
+        need(d.train_crop >= 4, "data.train_crop", "must be at least 4 (or null)")
+        need(d.augment == "none", "data.augment", "must be none with data.train_crop (RandomResizedCrop and "
+             "data.hflip replace the padded crop)")
+    need(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale",
+         "must be [min, max] with 0 < min <= max <= 1")
+    need(len(d.crop_ratio) == 2 and 0 < d.crop_ratio[0] <= d.crop_ratio[1], "data.crop_ratio",
+         "must be [min, max] with 0 < min <= max")
+    need(d.eval_resize >= 4, "data.eval_resize", "must be at least 4")
+    need(d.eval_crop is None or 4 <= d.eval_crop <= d.eval_resize, "data.eval_crop",
+         "must be between 4 and data.eval_resize (or null)")
+    for key in ("hflip", "random_erasing", "mix_switch_prob"):
+        need(0.0 <= getattr(d, key) <= 1.0, f"data.{key}", f"must be between 0 and 1, not {getattr(d, key)}")
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        need(getattr(d, key) >= 0.0, f"data.{key}", "must be 0 (off) or more")
+    need(0 <= d.ra_magnitude <= 30, "data.ra_magnitude", "must be between 0 and 30")
+    need(d.ra_num_ops >= 1, "data.ra_num_ops", "must be at least 1")
     if d.classes is not None:
         need(len(d.classes) >= 2, "data.classes", "must list at least two classes")
         need(len(set(d.classes)) == len(d.classes), "data.classes", "must not repeat a class")

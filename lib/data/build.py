@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
+from lib.data.augment import ImageTransform, Mix
 from lib.data.cache import disk_cached
+from lib.data.formats import resolve_decoder
 from lib.data.loaders import FileDataset, FileLoader, MemoryLoader, TensorItems, collate, ignore_stop_signals
 from lib.data.sources import DATASETS
 from lib.data.spec import DataSpec, Split
@@ -40,9 +42,15 @@ class Data:
 
     def describe(self):
         s = self.spec
-        shape = f"{s.channels}x{s.size[0]}x{s.size[1]}" if s.kind == "image" else f"seq {s.size[0]}"
+        if s.kind != "image":
+            shape = f"seq {s.size[0]}"
+        else:
+            shape = f"{s.channels}x" + (f"{s.size[0]}x{s.size[1]}" if s.size else "HxW (as stored)")
         t = self.transform
         out = f"{t.dst_channels}x{t.size[0]}x{t.size[1]}" if s.kind == "image" else "same"
+        if s.kind == "image" and not t.resize:
+            ev = self.val.image_tf
+            out += f" (RandomResizedCrop; eval resize {ev.eval_resize}, crop {ev.eval_crop})"
         classes = f"{s.num_classes} classes" if s.task == "classification" else f"{s.num_classes} outputs"
         skipped = f", {s.skipped} unreadable skipped" if s.skipped else ""
         return (f"{s.name}: {len(s.train)} train / {len(s.val)} val, {shape} -> {out}, {classes}, "
@@ -118,12 +126,12 @@ def _subset_classes(spec, classes):
     return spec
 
 
-def _decode_to_memory(split, spec, d, rt, tag):
+def _decode_to_memory(split, spec, d, rt, tag, decoder):
     """Decode every file of a split once (in parallel workers), skipping or reporting bad ones."""
     def build():
         print(f"decoding {len(split)} images of {spec.root} into memory"
               + (f" (rank {rt.rank}; cached for the others)" if rt is not None and d.cache else ""), flush=True)
-        ds = FileDataset(split, spec)
+        ds = FileDataset(split, spec, decoder=decoder)
         dl = torch.utils.data.DataLoader(ds, batch_size=64, num_workers=d.num_workers, collate_fn=collate,
                                          worker_init_fn=ignore_stop_signals)
         xs, ys, bad = [], [], []
@@ -164,29 +172,41 @@ def build_data(cfg, rt=None, device: torch.device | None = None) -> Data:
     if loader == "auto":
         if spec.kind == "sequence" or not files:
             nbytes = (spec.train.x.numel() + spec.val.x.numel()) * spec.train.x.element_size()
+        elif spec.size is None:                 # train_crop on files of varied sizes: no tensor holds them
+            nbytes = float("inf")
         else:
             nbytes = (len(spec.train) + len(spec.val)) * spec.channels * spec.size[0] * spec.size[1]
         loader = "memory" if nbytes <= d.memory_limit_gb * 2**30 else "dataloader"
+    if loader == "memory" and files and spec.size is None:
+        raise UserError("data.loader=memory cannot hold image files of different sizes uncropped, which "
+                        "data.train_crop needs; set data.loader=dataloader (or auto).")
     if d.classes is None and cfg.model.num_classes is not None and spec.task == "classification" \
             and cfg.model.num_classes < spec.num_classes:
         raise UserError(f"data.name={d.name} has {spec.num_classes} classes but model.num_classes="
                         f"{cfg.model.num_classes}; raise model.num_classes or pick classes with data.classes.")
+    decoder = resolve_decoder(d.decoder) if files else "pil"
     if loader == "memory" and files:
         # Each node's first process decodes and writes the cache; the others then read it (one decode
         # and one writer per node). Without the cache every process decodes for itself.
         with ctx.first_per_node() if d.cache else contextlib.nullcontext():
-            spec.train = _decode_to_memory(spec.train, spec, d, rt, f"{spec.name}-train")
-            spec.val = _decode_to_memory(spec.val, spec, d, rt, f"{spec.name}-val")
+            spec.train = _decode_to_memory(spec.train, spec, d, rt, f"{spec.name}-train", decoder)
+            spec.val = _decode_to_memory(spec.val, spec, d, rt, f"{spec.name}-val", decoder)
     channels = d.channels or (cfg.model.in_channels if cfg.model.in_channels in (1, 3) else None)
     transform = BatchTransform(spec, d, device, channels_last=cfg.train.channels_last, channels=channels)
     common = dict(transform=transform, device=device, rank=rank, world=world, seed=cfg.seed)
     eval_bs = d.eval_batch_size or 2 * d.batch_size
+    image = spec.kind == "image"
+    tf_train, tf_val = (ImageTransform(d, train=True), ImageTransform(d, train=False)) if image else (None, None)
+    mix = Mix(d, cfg.model.num_classes or spec.num_classes) if image and spec.task == "classification" else None
     if loader == "memory":
-        train = MemoryLoader(spec.train, batch_size=d.batch_size, shuffle=d.shuffle, train=True, **common)
-        val = MemoryLoader(spec.val, batch_size=eval_bs, shuffle=False, train=False, **common)
+        train = MemoryLoader(spec.train, batch_size=d.batch_size, shuffle=d.shuffle, train=True,
+                             image_tf=tf_train, mix=mix, **common)
+        val = MemoryLoader(spec.val, batch_size=eval_bs, shuffle=False, train=False, image_tf=tf_val, **common)
     else:
-        items = (lambda split: FileDataset(split, spec)) if files else TensorItems
+        def items(split, tf):
+            return FileDataset(split, spec, tf, decoder) if files else TensorItems(split, tf)
         kw = dict(num_workers=d.num_workers, on_bad_sample=d.on_bad_sample, **common)
-        train = FileLoader(items(spec.train), batch_size=d.batch_size, shuffle=d.shuffle, train=True, **kw)
-        val = FileLoader(items(spec.val), batch_size=eval_bs, shuffle=False, train=False, **kw)
+        train = FileLoader(items(spec.train, tf_train), batch_size=d.batch_size, shuffle=d.shuffle, train=True,
+                           mix=mix, **kw)
+        val = FileLoader(items(spec.val, tf_val), batch_size=eval_bs, shuffle=False, train=False, **kw)
     return Data(spec, train, val, loader, transform)

@@ -132,8 +132,17 @@ def _square_side(n):
     return None, None
 
 
-def decode_image(path, size, channels):
-    """An image file -> uint8 tensor (C, S, S); raises OSError/ValueError for unreadable files."""
+def decode_image(path, size, channels, decoder="pil"):
+    """An image file -> uint8 tensor (C, S, S), or (C, H, W) as stored when size is None; raises
+    OSError/ValueError for unreadable files. decoder: "torchcodec" decodes JPEGs with TorchCodec
+    (libjpeg-turbo; RGB output equal to PIL's, CMYK and grayscale files included), "pil" everything
+    with PIL; other formats, and grayscale output, always take PIL."""
+    if decoder == "torchcodec" and channels == 3 and str(path).lower().endswith((".jpg", ".jpeg")):
+        t = _torchcodec_jpeg(path)
+        if t is not None:
+            if size is not None and tuple(t.shape[1:]) != (size, size):
+                t = _pil_resize(t, size)
+            return t
     from PIL import Image
     with Image.open(path) as im:
         im = im.convert("L" if channels == 1 else "RGB")
@@ -142,6 +151,36 @@ def decode_image(path, size, channels):
         a = np.array(im, dtype=np.uint8)
     t = torch.from_numpy(a)
     return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
+
+
+def _torchcodec_jpeg(path):
+    """TorchCodec's RGB decode of a JPEG file, or None when TorchCodec cannot (the caller uses PIL)."""
+    try:
+        from torchcodec.decoders import decode_jpeg
+        return decode_jpeg(str(path), mode="RGB")
+    except Exception:                               # not installed, or a JPEG variant it does not take
+        return None
+
+
+def _pil_resize(t, size):
+    """The square resize of the PIL path (bilinear, PIL's antialiasing) applied to a decoded tensor."""
+    from PIL import Image
+    im = Image.fromarray(t.permute(1, 2, 0).numpy()).resize((size, size), Image.BILINEAR)
+    return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def resolve_decoder(name):
+    """data.decoder -> "torchcodec" or "pil": auto takes TorchCodec when it imports (and decodes)."""
+    if name == "pil":
+        return "pil"
+    try:
+        from torchcodec.decoders import decode_jpeg  # noqa: F401
+        return "torchcodec"
+    except Exception:
+        if name == "torchcodec":
+            raise UserError("data.decoder=torchcodec but torchcodec cannot be imported; pip install torchcodec "
+                            "(>= 0.16, matching your torch), or set data.decoder=pil.") from None
+        return "pil"
 
 
 def probe_image(path):

@@ -6,7 +6,9 @@
 Both shard like DistributedSampler (training order = f(seed, epoch), each rank every world-th index,
 the tail of fewer than world indices dropped so every rank runs the same number of steps), start
 mid-epoch at any batch (exact resume), shard evaluation without padding so every validation sample
-counts exactly once (pytorch#25162), and run the device-side BatchTransform on each batch.
+counts exactly once (pytorch#25162), and run the per-image ImageTransform (in the workers, or on the
+device for in-memory batches), the device-side BatchTransform, then mixup / cutmix on each batch.
+A training sample's augmentation is a function of (seed, epoch, sample index) (lib/data/augment.py).
 """
 import math
 import signal
@@ -59,8 +61,11 @@ class _Loader:
     """What both loaders share: epochs, mid-epoch starts (in samples of the epoch's global order),
     sharding and batch counting."""
 
-    def __init__(self, n, *, batch_size, transform, device, rank, world, seed, shuffle, train):
+    def __init__(self, n, *, batch_size, transform, device, rank, world, seed, shuffle, train,
+                 image_tf=None, mix=None):
         self.n, self.batch_size, self.transform, self.device = n, batch_size, transform, device
+        self.image_tf = image_tf if image_tf is not None and image_tf.active else None
+        self.mix = mix if train and mix is not None and mix.active else None
         self.rank, self.world, self.seed, self.shuffle, self.train = rank, world, seed, shuffle, train
         self.epoch, self.start = 0, 0           # start: global samples of this epoch already consumed
         if train and n // world == 0:
@@ -91,10 +96,21 @@ class _Loader:
         """Batches left from the current start (len(self) minus the start batch when it is aligned)."""
         return math.ceil(self.samples_per_rank(self.start if self.train else 0) / self.batch_size)
 
+    def key(self):
+        """The epoch's augmentation key: every training draw is f(key, sample index)."""
+        return stable_seed("augment", self.seed, self.epoch)
+
     def draw(self, ids):
         """What the BatchTransform augments a training batch with: (the epoch's key, the batch's sample
-        indices); None for evaluation."""
-        return (stable_seed("augment", self.seed, self.epoch), ids) if self.train else None
+        indices on the CPU); None for evaluation."""
+        return (self.key(), ids) if self.train else None
+
+    def finish(self, x, y, ids):
+        """BatchTransform, then mixup / cutmix (training batches, soft targets) of a device batch."""
+        x = self.transform(x, self.draw(ids))
+        if self.mix is not None:
+            x, y = self.mix(x, y, self.key(), ids[0])
+        return x, y
 
 
 class MemoryLoader(_Loader):
@@ -108,41 +124,61 @@ class MemoryLoader(_Loader):
         self.x, self.y = split.x, split.y
 
     def __iter__(self):
-        idx = self.indices().to(self.device)
+        ids = self.indices()
+        idx = ids.to(self.device)
         self.start = 0
         for b in range(math.ceil(len(idx) / self.batch_size)):
-            sel = idx[b * self.batch_size:(b + 1) * self.batch_size]
-            yield self.transform(self.x.index_select(0, sel), self.draw(sel)), self.y.index_select(0, sel)
+            part = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            sel, cpu = idx[part], ids[part]
+            x = self.x.index_select(0, sel)
+            if self.image_tf is not None:              # per image: crop boxes differ, so one at a time
+                x = self.image_tf.batch(x, self.key() if self.train else None, cpu)
+            yield self.finish(x, self.y.index_select(0, sel), cpu)
+
+
+def _item(item):
+    """A sampler item: a sample index, or (index, the epoch's augmentation key) for training."""
+    return item if isinstance(item, tuple) else (item, None)
 
 
 class TensorItems(torch.utils.data.Dataset):
     """In-memory tensors served one item at a time (data.loader=dataloader on an in-memory dataset)."""
 
-    def __init__(self, split):
+    def __init__(self, split, image_tf=None):
         self.x, self.y = split.x, split.y
+        self.image_tf = image_tf if image_tf is not None and image_tf.active else None
 
     def __len__(self):
         return len(self.y)
 
-    def __getitem__(self, i):
-        return self.x[i], self.y[i], None, i
+    def __getitem__(self, item):
+        i, key = _item(item)
+        x = self.x[i] if self.image_tf is None else self.image_tf(self.x[i], key, i)
+        return x, self.y[i], None, i
 
 
 class FileDataset(torch.utils.data.Dataset):
-    """Decodes one image file per item into uint8 (C, S, S); errors come back as values, not raises.
+    """Decodes one image file per item into uint8 (C, S, S) (or as stored, for the per-image
+    ImageTransform, which then runs here, in the worker); errors come back as values, not raises.
     An item is (image or None, label, error or None, sample index)."""
 
-    def __init__(self, split, spec):
-        self.files, self.y, self.size, self.channels = split.files, split.y, spec.size[0], spec.channels
+    def __init__(self, split, spec, image_tf=None, decoder="pil"):
+        self.files, self.y, self.channels, self.decoder = split.files, split.y, spec.channels, decoder
+        self.image_tf = image_tf if image_tf is not None and image_tf.active else None
+        self.size = None if spec.size is None else spec.size[0]       # None: decoded as stored
 
     def __len__(self):
         return len(self.files)
 
-    def __getitem__(self, i):
+    def __getitem__(self, item):
+        i, key = _item(item)
         try:
-            return decode_image(self.files[i], self.size, self.channels), int(self.y[i]), None, i
-        except (OSError, ValueError, SyntaxError) as e:
+            x = decode_image(self.files[i], self.size, self.channels, self.decoder)
+        except (OSError, ValueError, SyntaxError, RuntimeError) as e:
             return None, int(self.y[i]), f"{self.files[i]} ({type(e).__name__}: {e})", i
+        if self.image_tf is not None:
+            x = self.image_tf(x, key, i)
+        return x, int(self.y[i]), None, i
 
 
 def collate(items):
@@ -165,7 +201,11 @@ class _ShardSampler(torch.utils.data.Sampler):
         self.loader = weakref.proxy(loader)
 
     def __iter__(self):
-        return iter(self.loader.indices().tolist())
+        ids = self.loader.indices().tolist()
+        if self.loader.train and self.loader.image_tf is not None:   # the workers need the epoch's key
+            key = self.loader.key()
+            return iter([(i, key) for i in ids])
+        return iter(ids)
 
     def __len__(self):
         lo = self.loader
@@ -176,7 +216,7 @@ class FileLoader(_Loader):
     """A tuned torch DataLoader (workers, pinned memory, persistent workers, prefetch) over files."""
 
     def __init__(self, dataset, *, num_workers, on_bad_sample, **kw):
-        super().__init__(len(dataset), **kw)
+        super().__init__(len(dataset), image_tf=getattr(dataset, "image_tf", None), **kw)
         self.on_bad_sample = on_bad_sample
         self.skipped = 0
         cuda = self.device.type == "cuda"
@@ -203,5 +243,5 @@ class FileLoader(_Loader):
                 fill = torch.arange(len(bad)) % len(x)
                 x, y, ids = torch.cat([x, x[fill]]), torch.cat([y, y[fill]]), torch.cat([ids, ids[fill]])
             x = x.to(self.device, non_blocking=True)
-            yield self.transform(x, self.draw(ids)), y.to(self.device, non_blocking=True)
+            yield self.finish(x, y.to(self.device, non_blocking=True), ids)
         self.start = 0

@@ -1,7 +1,9 @@
 """The device-side batch transform and the normalisation statistics.
 
 BatchTransform turns a uint8 batch (B, C, H, W) on the training device into the model's float input:
-channel conversion, resize, seeded augmentation (random crop + flip) and normalisation. norm_stats
+channel conversion, resize, seeded augmentation (random crop + flip) and normalisation, then
+RandomErasing. With data.train_crop the images arrive cropped by the per-image ImageTransform
+(lib/data/augment.py) and are not resized here (evaluation crops may differ from training crops). norm_stats
 gives the fixed statistics of data.normalize (none, symmetric, imagenet); channel_stats measures the
 `dataset` statistics on a sample of the training images.
 """
@@ -9,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lib.data.augment import ImageTransform, erase_
 from lib.data.formats import decode_image
 from lib.errors import UserError
 from lib.seeding import sample_bits
@@ -29,8 +32,14 @@ class BatchTransform:
     def __init__(self, spec, d, device, channels_last=False, channels=None):
         self.src_channels = spec.channels if spec.kind == "image" else None
         self.dst_channels = channels or spec.channels
-        self.size = (d.image_size, d.image_size) if d.image_size else tuple(spec.size)
+        if d.train_crop:
+            self.size = (d.train_crop, d.train_crop)                 # what training batches arrive as
+        else:
+            self.size = (d.image_size, d.image_size) if d.image_size else tuple(spec.size)
+        self.resize = not d.train_crop                             # else the ImageTransform sized them
         self.augment = d.augment
+        self.erasing = d.random_erasing
+        self.eval_image_tf = ImageTransform(d, train=False)         # for the `dataset` statistics
         self.channels_last = channels_last
         self.device = device
         self.sequence = spec.kind == "sequence"
@@ -51,7 +60,7 @@ class BatchTransform:
         if self.sequence:
             return x.float()
         augment = draw is not None and self.augment != "none"
-        if x.shape[1] == self.dst_channels and tuple(x.shape[2:]) == self.size:
+        if x.shape[1] == self.dst_channels and (not self.resize or tuple(x.shape[2:]) == self.size):
             if augment:
                 x = self.random_augment(x, *draw)                  # on the uint8 bytes
             x = x.float().mul_(self.scale).add_(self.shift)      # (x / 255 - mean) / std
@@ -60,6 +69,8 @@ class BatchTransform:
             if augment:
                 x = self.random_augment(x, *draw)
             x = x.mul_(self.scale).add_(self.shift)
+        if draw is not None and self.erasing > 0:
+            x = erase_(x, draw[0], draw[1], self.erasing)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
@@ -75,7 +86,7 @@ class BatchTransform:
             else:  # ITU-R 601 luma, as PIL's convert("L")
                 w = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
                 x = (x * w).sum(1, keepdim=True)
-        if tuple(x.shape[2:]) != self.size:
+        if self.resize and tuple(x.shape[2:]) != self.size:
             x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False,
                               antialias=x.shape[2] > self.size[0])
         return x
@@ -124,7 +135,8 @@ def channel_stats(spec, transform):
     else:
         files = spec.train.files
         idx = np.linspace(0, len(files) - 1, min(len(files), 256)).astype(int)
-        sample = torch.stack([_decode_or_fail(files[i], spec) for i in idx])
+        tf = transform.eval_image_tf              # train_crop: the evaluation crop of each image
+        sample = torch.stack([tf(_decode_or_fail(files[i], spec)) for i in idx])
     x = transform.to_unit(sample.to("cpu")).double()
     mean = x.mean(dim=(0, 2, 3))
     std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
@@ -133,7 +145,7 @@ def channel_stats(spec, transform):
 
 def _decode_or_fail(path, spec):
     try:
-        return decode_image(path, spec.size[0], spec.channels)
+        return decode_image(path, None if spec.size is None else spec.size[0], spec.channels)
     except (OSError, ValueError) as e:
         raise UserError(f"could not read image {path} ({e}); fix or remove the file, or set "
                         f"data.on_bad_sample=skip.") from None
