@@ -45,6 +45,7 @@ class DataSpec:
     std: tuple = None
     source: str = ""                         # where it came from, for the log
     root: Path = None                        # file datasets: where the decode cache goes
+    folders: list = None                     # image_folder: class i's folder name (classes[i]: its name)
     skipped: int = 0                         # unreadable samples skipped (data.on_bad_sample: skip)
 
 
