@@ -7,8 +7,10 @@ torchvision's reference ExponentialMovingAverage).
 With ramp=True (the GAN's) the decay ramps up as min(decay, (1 + n) / (10 + n)) over the first
 updates (as timm and StyleGAN do), so early random weights do not linger; train.py's EMA keeps the
 decay constant and copies the weights during its warmup instead (torchvision's recipe). Buffers
-(batch-norm statistics) are copied, not averaged. state_dict() holds tensors only, the update count
-included.
+(batch-norm statistics) are copied (the GAN's), or, with average_buffers (train.py / finetune.py, as
+torchvision's use_buffers=True), the floating ones averaged like the weights so that they match them:
+copied statistics of the current weights under averaged weights made a ResNet's EMA evaluate at chance.
+state_dict() holds tensors only, the update count included.
 """
 import copy
 
@@ -16,8 +18,8 @@ import torch
 
 
 class EMA:
-    def __init__(self, model: torch.nn.Module, decay: float, ramp: bool = True):
-        self.decay, self.ramp = decay, ramp
+    def __init__(self, model: torch.nn.Module, decay: float, ramp: bool = True, average_buffers: bool = False):
+        self.decay, self.ramp, self.average_buffers = decay, ramp, average_buffers
         self.updates = 0
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
 
@@ -32,7 +34,10 @@ class EMA:
         ema_params = list(self.module.parameters())
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)
         for b_ema, b in zip(self.module.buffers(), model.buffers()):
-            b_ema.copy_(b)
+            if self.average_buffers and b.is_floating_point():
+                b_ema.lerp_(b, 1.0 - decay)       # batch-norm statistics that match the averaged weights
+            else:
+                b_ema.copy_(b)
 
     def state_dict(self):
         return {**self.module.state_dict(), "_ema_updates": torch.tensor(self.updates)}
@@ -57,6 +62,6 @@ def for_run(train_cfg, model, updates_per_epoch: int):
     train section's ema / ema_every / ema_warmup_epochs; (None, None) when train.ema is null."""
     if train_cfg.ema is None:
         return None, None
-    ema = EMA(model, train_cfg.ema, ramp=False)
+    ema = EMA(model, train_cfg.ema, ramp=False, average_buffers=True)     # torchvision's use_buffers=True
     warmup = round(train_cfg.ema_warmup_epochs * updates_per_epoch)
     return ema, ema_hook(ema, model, train_cfg.ema_every, warmup)

@@ -189,3 +189,32 @@ def test_bad_configs_exit_2_with_one_sentence_and_write_nothing(tmp_path, args, 
     for w in words:
         assert w in message, message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"], "something was written"
+
+
+# Issue 17 item 4: the recipe configs hold torchvision's documented values (README's recipe table).
+RECIPES = {
+    "resnet50_imagenet.yaml": {
+        "model.name": "torchvision:resnet50", "data.batch_size": 32, "optim.name": "sgd", "optim.lr": 0.1,
+        "optim.momentum": 0.9, "optim.weight_decay": 1e-4, "sched.name": "step", "sched.step_size": 30,
+        "sched.gamma": 0.1, "train.epochs": 90, "data.train_crop": 224, "data.eval_resize": 256,
+        "data.eval_crop": 224, "data.interpolation": "bilinear", "data.normalize": "imagenet"},
+    "resnet50_imagenet_v2.yaml": {
+        "model.name": "torchvision:resnet50", "data.batch_size": 128, "optim.name": "sgd", "optim.lr": 0.5,
+        "optim.momentum": 0.9, "optim.weight_decay": 2e-5, "optim.no_decay_norm_bias": True, "sched.name": "cosine",
+        "sched.warmup_epochs": 5, "sched.warmup_start": 0.01, "train.epochs": 600, "data.train_crop": 176,
+        "data.eval_resize": 232, "data.eval_crop": 224, "data.auto_augment": "trivialaugment",
+        "data.random_erasing": 0.1, "data.mixup_alpha": 0.2, "data.cutmix_alpha": 1.0, "loss.label_smoothing": 0.1,
+        "train.ema": round(1 - 2e-5 * 8 * 128 * 32 / 600, 6), "train.ema_every": 32, "train.ema_warmup_epochs": 5},
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_the_recipe_configs_hold_torchvisions_values(tmp_path, name):
+    import helpers
+    code, out, err = helpers.in_process("train.py", ["--config", REPO / "configs" / name, "--print-config"], tmp_path)
+    assert code == 0, err
+    resolved = yaml.safe_load(out)
+    for key, want in RECIPES[name].items():
+        section, field = key.split(".")
+        assert resolved[section][field] == pytest.approx(want) if isinstance(want, float) else \
+            resolved[section][field] == want, key

@@ -463,3 +463,19 @@ def test_tensorboard_event_files_hold_the_metrics_csv_values(tmp_path, monkeypat
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
     with pytest.raises(UserError, match="pip install tensorboard"):
         tensorboard.check(config.load(config.Config, None, ["log.tensorboard.enabled=true"]).log)
+
+
+def test_the_weight_ema_averages_batch_norm_statistics_like_the_weights():
+    """train.ema averages the floating buffers with the weights (torchvision's use_buffers=True): copied
+    statistics of the current weights under averaged weights evaluated a ResNet's EMA at chance."""
+    from types import SimpleNamespace
+
+    from lib.ema import for_run
+    bn = torch.nn.BatchNorm1d(2)
+    ema, _ = for_run(SimpleNamespace(ema=0.75, ema_every=1, ema_warmup_epochs=0), bn, 10)
+    bn.running_mean.fill_(4.0)
+    bn.weight.data.fill_(3.0)
+    ema.update(bn)
+    assert torch.allclose(ema.module.weight, torch.full((2,), 1.5))           # 0.75 * 1 + 0.25 * 3
+    assert torch.allclose(ema.module.running_mean, torch.full((2,), 1.0))     # 0.75 * 0 + 0.25 * 4
+    assert int(ema.module.num_batches_tracked) == int(bn.num_batches_tracked)  # integers: copied
