@@ -10,8 +10,9 @@
 # Rows: fp16 (GradScaler) and bf16 training of fashion_cnn and resnet18 with the loss falling; DeepSpeed
 # ZeRO-2 bf16; train.deterministic twice -> identical weights; kill -9 at step k then resume == the
 # unbroken run; channels_last and compile on and off; fashion_cnn@28 epoch time on 60,000 images (memory
-# path); resnet18@32 bf16 images/s against a bare bf16 loop; with >= 2 GPUs, 2-GPU NCCL DDP == 1 GPU with
-# the doubled batch. Exit status: 0 when no row failed, 1 otherwise.
+# path); resnet18@32 bf16 images/s against a bare bf16 loop; the JPEG loader (224 crops of 500x375
+# photos) with the JPEGs decoded batched on the GPU (nvJPEG) vs in 8 workers vs torchvision's reference,
+# and nvJPEG's pixels against the CPU decode; with >= 2 GPUs, 2-GPU NCCL DDP == 1 GPU with the doubled batch. Exit status: 0 when no row failed, 1 otherwise.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -209,6 +210,28 @@ else
     bench "fashion_cnn@28 epoch on 60,000 images" --end-to-end --model fashion_cnn --device cuda --precision bf16
     bench "resnet18@32 bf16 images/s: ours vs bare" --model resnet18 --image-size 32 --channels 3 --batch 256 \
         --device cuda --precision bf16 --channels-last --rounds 5
+fi
+
+# -- the JPEG data path with the GPU decoding (issue 17) ---------------------------------------------------
+if [ "$SMOKE" = 1 ]; then
+    row "JPEG loader: nvJPEG batched vs workers" SKIP \
+        "CUDA only (CPU form: tests/test_augment.py::test_decoding_on_the_device_gives_the_workers_batches)"
+elif json=$(timeout 600 "$PY" "$REPO/bench/jpeg_loader.py" --device cuda --workers 8 --images 2048 --rounds 3 \
+                --skip-decoders --json 2> "$WORK/jpeg.err" | tail -n 1) &&
+     detail=$("$PY" - "$json" <<'EOF'
+import json, sys
+r = json.loads(sys.argv[1])
+d = r["gpu_decode_vs_cpu"]
+rates = [f"{path} {name.split(' (')[-1].rstrip(')')} {v['img_s']} img/s x{v['ratio']}"
+         for path, rows in r["data_path"].items() for name, v in rows.items()]
+print("; ".join(rates) + f"; nvJPEG vs CPU decode: mean |d| {d['mean_abs']}, max {d['max_abs']}, "
+      f"{d['fallback']} fallbacks")
+sys.exit(0 if d["mean_abs"] < 2 and d["fallback"] == 0 else 1)
+EOF
+     ); then
+    row "JPEG loader: nvJPEG batched vs workers" PASS "$detail"
+else
+    row "JPEG loader: nvJPEG batched vs workers" FAIL "${detail:-$(tail -n 2 "$WORK/jpeg.err" | tr '\n|' ' /')}"
 fi
 
 # -- 2-GPU DDP == 1 GPU with the doubled batch ---------------------------------------------------------

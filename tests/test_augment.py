@@ -135,6 +135,40 @@ def test_every_image_of_a_jpeg_folder_trains_through_the_workers(folder):
         build_data(_cfg(f"data.images={folder}", "data.train_crop=96", "data.loader=memory"))
 
 
+def test_decoding_on_the_device_gives_the_workers_batches(folder, tmp_path):
+    """data.decode_on=device (what CUDA runs batched through nvJPEG; here the same code on the CPU):
+    the workers send the JPEGs' bytes, the loader decodes them together and crops / augments each
+    with the workers' draws. Training and evaluation batches equal the workers' bit for bit, the PNG
+    (decoded in a worker) and a truncated JPEG (skipped) included; the run's log line says where."""
+    import shutil
+    root = tmp_path / "imgs"
+    shutil.copytree(folder, root)
+    good = next((root / "train" / "c0").glob("*.jpeg")).read_bytes()
+    (root / "train" / "c1" / "broken.jpg").write_bytes(good[: len(good) // 3])  # readable file, bad JPEG
+    (root / "train" / "c1" / "empty.jpg").write_bytes(b"")
+    common = [f"data.images={root}", "data.train_crop=64", "data.eval_resize=80", "data.eval_crop=72",
+              "data.batch_size=5", "data.num_workers=2", "data.auto_augment=trivialaugment", "data.random_erasing=0.5",
+              "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0", "data.on_bad_sample=skip", "data.normalize=imagenet"]
+    runs = {}
+    for where in ("workers", "device"):
+        data = build_data(_cfg(*common, f"data.decode_on={where}"))
+        assert data.train.dataloader.dataset.encoded == (where == "device")
+        assert ("JPEGs decoded on cpu" in data.describe()) == (where == "device")
+        batches = []
+        for epoch in (1, 2):
+            data.train.set_epoch(epoch)
+            batches += [(x, y) for x, y in data.train]
+        batches += [(x, y) for x, y in data.val]
+        runs[where] = (batches, data.train.skipped)
+    (workers, skipped_w), (device, skipped_d) = runs["workers"], runs["device"]
+    assert skipped_w == skipped_d == 4                         # 2 unreadable files x 2 epochs
+    assert len(workers) == len(device) and len(workers) > 6
+    for (xw, yw), (xd, yd) in zip(workers, device):
+        assert torch.equal(xw, xd) and torch.equal(yw, yd)
+    with pytest.raises(UserError, match="data.decode_on .*is device, which needs data.train_crop"):
+        build_data(_cfg(f"data.images={folder}", "data.decode_on=device"))
+
+
 def test_mixup_and_cutmix_targets_are_weights_summing_to_one():
     """Each row of the soft targets sums to 1; mixup mixes the images with the same weight as the
     targets; cutmix's weight is the share of pixels kept (the pasted box's complement)."""

@@ -44,6 +44,8 @@ def test_default_run_leaves_the_documented_run_directory(default_run):
     assert len(list((run / "checkpoints").glob("step_*.pt"))) == 3           # keep_last
     env = json.loads((run / "env.json").read_text())
     assert env["world_size"] == 1 and env["torch"] == torch.__version__ and "git_commit" in env
+    # THP_MEM_ALLOC_ENABLE was set before torch's first CPU allocation (lib/runtime/launch.py)
+    assert env["host_huge_pages"] is True
     rows = (run / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("epoch,step,lr,") and len(rows) == 1 + 8
     assert len(helpers.read_jsonl(run / "metrics.jsonl")) >= 1

@@ -61,6 +61,9 @@ class DataCfg:
     mix_switch_prob: float = knob(0.5, "with mixup and cutmix both on: probability a batch uses cutmix")
     decoder: Literal["auto", "torchcodec", "pil"] = knob(
         "auto", "JPEG decoder of the image files: torchcodec when installed (PIL for other formats), or pil")
+    decode_on: Literal["auto", "workers", "device"] = knob(
+        "auto", "train_crop: where TorchCodec decodes the JPEGs: device = batched on the training device "
+                "(nvJPEG on a GPU), workers = in the DataLoader workers; auto = device on CUDA, else workers")
     val_labels: Optional[str] = knob(
         None, "image_folder: labels of a flat val/ folder (ImageNet layout): a CSV (file, label) or "
               "ILSVRC2012_validation_ground_truth.txt")

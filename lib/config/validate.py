@@ -36,6 +36,12 @@ def check_values(cfg):
         need(d.train_crop >= 4, "data.train_crop", "must be at least 4 (or null)")
         need(d.augment == "none", "data.augment", "must be none with data.train_crop (RandomResizedCrop and "
              "data.hflip replace the padded crop)")
+    need(d.decode_on != "device" or d.train_crop is not None, "data.decode_on",
+         "is device, which needs data.train_crop (the crops are made where the images are decoded); "
+         "set data.train_crop, or data.decode_on=workers")
+    need(d.decode_on != "device" or d.decoder != "pil", "data.decode_on",
+         "is device, which decodes with TorchCodec; set data.decoder=torchcodec (or auto), or "
+         "data.decode_on=workers")
     need(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale",
          "must be [min, max] with 0 < min <= max <= 1")
     need(len(d.crop_ratio) == 2 and 0 < d.crop_ratio[0] <= d.crop_ratio[1], "data.crop_ratio",

@@ -99,7 +99,7 @@ class ImageTransform:
             if rng.random() < self.hflip:
                 img = img.flip(-1)
         if self.policy_name != "none":
-            torch.manual_seed(seed)                 # the policy draws from the global generator
+            torch.default_generator.manual_seed(seed)   # the policy draws from the global CPU generator
             img = self.policy()(img)
         return img
 

@@ -51,6 +51,9 @@ class Data:
         if s.kind == "image" and not t.resize:
             ev = self.val.image_tf
             out += f" (RandomResizedCrop; eval resize {ev.eval_resize}, crop {ev.eval_crop})"
+            items = getattr(getattr(self.train, "dataloader", None), "dataset", None)
+            if getattr(items, "encoded", False):
+                out += f", JPEGs decoded on {self.train.device}"
         classes = f"{s.num_classes} classes" if s.task == "classification" else f"{s.num_classes} outputs"
         skipped = f", {s.skipped} unreadable skipped" if s.skipped else ""
         return (f"{s.name}: {len(s.train)} train / {len(s.val)} val, {shape} -> {out}, {classes}, "
@@ -155,6 +158,19 @@ def _decode_to_memory(split, spec, d, rt, tag, decoder):
     return Split(y, x)
 
 
+def _decode_on_device(d, spec, decoder, device) -> bool:
+    """Whether the loader decodes the JPEGs on the training device (data.decode_on: device, or auto on
+    CUDA) rather than in the workers: only the per-image crop path (data.train_crop) of RGB images."""
+    if d.decode_on == "workers" or not d.train_crop or spec.channels != 3:
+        return False
+    if decoder != "torchcodec":
+        if d.decode_on == "device":
+            raise UserError("data.decode_on=device decodes with TorchCodec, which cannot be imported here; "
+                            "pip install torchcodec (>= 0.16, matching your torch), or set data.decode_on=workers.")
+        return False
+    return d.decode_on == "device" or device.type == "cuda"
+
+
 def build_data(cfg, rt=None, device: torch.device | None = None) -> Data:
     """The run's DataSpec and its train / val loaders on the runtime's device (on the CPU, one process,
     without a runtime). Reads cfg.data, the model's num_classes / in_channels, train.channels_last and
@@ -203,8 +219,10 @@ def build_data(cfg, rt=None, device: torch.device | None = None) -> Data:
                              image_tf=tf_train, mix=mix, **common)
         val = MemoryLoader(spec.val, batch_size=eval_bs, shuffle=False, train=False, image_tf=tf_val, **common)
     else:
+        encoded = files and _decode_on_device(d, spec, decoder, device)
+
         def items(split, tf):
-            return FileDataset(split, spec, tf, decoder) if files else TensorItems(split, tf)
+            return FileDataset(split, spec, tf, decoder, encoded) if files else TensorItems(split, tf)
         kw = dict(num_workers=d.num_workers, on_bad_sample=d.on_bad_sample, **common)
         train = FileLoader(items(spec.train, tf_train), batch_size=d.batch_size, shuffle=d.shuffle, train=True,
                            mix=mix, **kw)

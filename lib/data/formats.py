@@ -4,6 +4,7 @@ image files (decode, or probe channels and size). Unreadable or malformed files 
 naming the file and the fix; decode_image raises OSError/ValueError for the caller to report.
 """
 import gzip
+import io
 import math
 import pickle
 import re
@@ -137,7 +138,7 @@ def decode_image(path, size, channels, decoder="pil"):
     OSError/ValueError for unreadable files. decoder: "torchcodec" decodes JPEGs with TorchCodec
     (libjpeg-turbo; RGB output equal to PIL's, CMYK and grayscale files included), "pil" everything
     with PIL; other formats, and grayscale output, always take PIL."""
-    if decoder == "torchcodec" and channels == 3 and str(path).lower().endswith((".jpg", ".jpeg")):
+    if decoder == "torchcodec" and channels == 3 and is_jpeg(path):
         t = _torchcodec_jpeg(path)
         if t is not None:
             if size is not None and tuple(t.shape[1:]) != (size, size):
@@ -150,7 +151,54 @@ def decode_image(path, size, channels, decoder="pil"):
             im = im.resize((size, size), Image.BILINEAR)
         a = np.array(im, dtype=np.uint8)
     t = torch.from_numpy(a)
-    return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
+    if t.ndim == 2:
+        return t.unsqueeze(0)
+    # (C, H, W) over the (H, W, C) bytes, as TorchCodec returns it: the crop-resize of the per-image
+    # transform is faster on that layout (0.41 vs 0.68 ms a 224 crop) and the transpose copy is saved.
+    return t.permute(2, 0, 1) if size is None else t.permute(2, 0, 1).contiguous()
+
+
+def is_jpeg(path) -> bool:
+    return str(path).lower().endswith((".jpg", ".jpeg"))
+
+
+def decode_jpegs(blobs, device):
+    """Encoded JPEGs (1-D uint8 CPU tensors of the files' bytes) -> RGB uint8 (3, H, W) tensors on
+    `device`, decoded together by TorchCodec (one nvJPEG call on a GPU), with None for a file nothing
+    decodes, and how many images needed the fallback: when the batch call fails, each image is decoded
+    on its own on the device, and one the device cannot decode (a JPEG variant nvJPEG lacks) on the CPU
+    by TorchCodec, then PIL, which is what the workers would have given."""
+    from torchcodec.decoders import decode_jpeg
+    if not blobs:
+        return [], 0
+    try:
+        return list(decode_jpeg(list(blobs), mode="RGB", device=device)), 0
+    except Exception:                           # noqa: BLE001 (any failure: one image at a time)
+        pass
+    out, fallback = [], 0
+    for b in blobs:
+        try:
+            out.append(decode_jpeg(b, mode="RGB", device=device))
+            continue
+        except Exception:                       # noqa: BLE001
+            fallback += 1
+        try:
+            img = decode_jpeg(b, mode="RGB")
+        except Exception:                       # noqa: BLE001
+            img = _pil_bytes(b)
+        out.append(None if img is None else img.to(device))
+    return out, fallback
+
+
+def _pil_bytes(blob):
+    """PIL's RGB decode of encoded bytes, or None when PIL cannot read them either."""
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(blob.numpy().tobytes())) as im:
+            a = np.array(im.convert("RGB"), dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError):
+        return None
+    return torch.from_numpy(a).permute(2, 0, 1)
 
 
 def _torchcodec_jpeg(path):

@@ -16,7 +16,7 @@ import weakref
 
 import torch
 
-from lib.data.formats import decode_image
+from lib.data.formats import decode_image, decode_jpegs, is_jpeg
 from lib.errors import UserError
 from lib.seeding import stable_seed
 
@@ -160,12 +160,15 @@ class TensorItems(torch.utils.data.Dataset):
 class FileDataset(torch.utils.data.Dataset):
     """Decodes one image file per item into uint8 (C, S, S) (or as stored, for the per-image
     ImageTransform, which then runs here, in the worker); errors come back as values, not raises.
-    An item is (image or None, label, error or None, sample index)."""
+    An item is (image or None, label, error or None, sample index). With `encoded` (data.decode_on=
+    device) a JPEG's item holds its bytes instead (a 1-D uint8 tensor), which the loader decodes on
+    the device; other formats are decoded and transformed here as usual."""
 
-    def __init__(self, split, spec, image_tf=None, decoder="pil"):
+    def __init__(self, split, spec, image_tf=None, decoder="pil", encoded=False):
         self.files, self.y, self.channels, self.decoder = split.files, split.y, spec.channels, decoder
         self.image_tf = image_tf if image_tf is not None and image_tf.active else None
         self.size = None if spec.size is None else spec.size[0]       # None: decoded as stored
+        self.encoded = encoded
 
     def __len__(self):
         return len(self.files)
@@ -173,6 +176,9 @@ class FileDataset(torch.utils.data.Dataset):
     def __getitem__(self, item):
         i, key = _item(item)
         try:
+            if self.encoded and is_jpeg(self.files[i]):
+                with open(self.files[i], "rb") as f:
+                    return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8), int(self.y[i]), None, i
             x = decode_image(self.files[i], self.size, self.channels, self.decoder)
         except (OSError, ValueError, SyntaxError, RuntimeError) as e:
             return None, int(self.y[i]), f"{self.files[i]} ({type(e).__name__}: {e})", i
@@ -183,13 +189,25 @@ class FileDataset(torch.utils.data.Dataset):
 
 def collate(items):
     """(x, y, ids, bad) of a batch of (image or None, label, error or None, index) items: the readable
-    images, their labels and sample indices stacked, and the error texts of the unreadable ones."""
+    images, their labels and sample indices stacked, and the error texts of the unreadable ones. With
+    encoded JPEGs among them, x is the list of images and encoded files, for the loader to decode."""
     good = [it for it in items if it[0] is not None]
     bad = [it[2] for it in items if it[0] is None]
     if not good:
         return None, None, None, bad
-    return (torch.stack([it[0] for it in good]), torch.stack([torch.as_tensor(it[1]) for it in good]),
+    xs = [it[0] for it in good]
+    return (_stack(xs) if all(t.ndim == 3 for t in xs) else xs, torch.stack([torch.as_tensor(it[1]) for it in good]),
             torch.tensor([it[3] for it in good], dtype=torch.int64), bad)
+
+
+def _stack(images):
+    """torch.stack of same-size images into a contiguous batch; in a DataLoader worker, straight into
+    shared memory (as torch's default_collate does), which saves the copy there on the way out."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.stack(images).contiguous()
+    elem = images[0]
+    storage = elem._typed_storage()._new_shared(len(images) * elem.numel(), device=elem.device)
+    return torch.stack(images, out=elem.new(storage).resize_(len(images), *elem.shape))
 
 
 class _ShardSampler(torch.utils.data.Sampler):
@@ -219,6 +237,8 @@ class FileLoader(_Loader):
         super().__init__(len(dataset), image_tf=getattr(dataset, "image_tf", None), **kw)
         self.on_bad_sample = on_bad_sample
         self.skipped = 0
+        self.files = getattr(dataset, "files", None)
+        self.fallbacks = 0                      # JPEGs the device could not decode (decoded on the CPU)
         cuda = self.device.type == "cuda"
         self.dataloader = torch.utils.data.DataLoader(
             dataset, batch_size=self.batch_size, sampler=_ShardSampler(self), num_workers=num_workers,
@@ -231,6 +251,9 @@ class FileLoader(_Loader):
         # when the epoch had nothing left), not here.
         for x, y, ids, bad in self.dataloader:
             self.start = 0
+            if isinstance(x, list):                             # data.decode_on=device
+                x, y, ids, failed = self.decode_on_device(x, y, ids)
+                bad = bad + failed
             if bad:
                 if self.on_bad_sample == "error":
                     raise UserError(f"could not read image {bad[0]}; fix or remove the file, or set "
@@ -245,3 +268,27 @@ class FileLoader(_Loader):
             x = x.to(self.device, non_blocking=True)
             yield self.finish(x, y.to(self.device, non_blocking=True), ids)
         self.start = 0
+
+    def decode_on_device(self, items, y, ids):
+        """A batch of encoded JPEGs and worker-decoded images -> (x, y, ids, errors) on the device: the
+        JPEGs decoded together there (lib/data/formats.py decode_jpegs), each then cropped and augmented
+        by the ImageTransform the workers run, with the same draws (seed, epoch, sample index); files
+        nothing decodes become errors, handled as the workers' unreadable files are."""
+        coded = [k for k, t in enumerate(items) if t.ndim == 1]
+        images, fallback = decode_jpegs([items[k] for k in coded], self.device)
+        if fallback and not self.fallbacks:
+            print(f"note: {fallback} JPEG(s) of a batch could not be decoded on {self.device} and were "
+                  f"decoded on the CPU (TorchCodec or PIL); the count is kept in the loader", flush=True)
+        self.fallbacks += fallback
+        out = list(items)
+        key = self.key() if self.train else None
+        with torch.random.fork_rng(devices=[]):     # the auto-augment policies reseed the CPU generator
+            for k, img in zip(coded, images):
+                out[k] = None if img is None else self.image_tf(img, key, int(ids[k]))
+        keep = [k for k, t in enumerate(out) if t is not None]
+        errors = [f"{self.files[int(ids[k])]} (neither TorchCodec nor PIL can decode it)"
+                  for k, t in enumerate(out) if t is None]
+        if not keep:
+            return None, None, None, errors
+        x = torch.stack([out[k].to(self.device, non_blocking=True) for k in keep]).contiguous()
+        return x, y[keep], ids[keep], errors

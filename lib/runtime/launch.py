@@ -56,6 +56,11 @@ def prepare_env(cfg) -> list[str]:
         # cuBLAS needs a fixed workspace for deterministic GEMMs, and reads it when CUDA starts
         # (https://docs.nvidia.com/cuda/cublas/#results-reproducibility): set it here, before any CUDA call.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # Host tensors of 2 MiB and more (a batch's float copy, CPU activations) on transparent huge pages:
+    # torch's own switch, read at its first CPU allocation, hence here. A fresh 38 MiB float batch
+    # (64 x 3 x 224 x 224) costs ~30 ms of page faults in 4 KiB pages, ~5 ms in 2 MiB ones
+    # (BENCHMARKS.md, "The JPEG data path"). THP_MEM_ALLOC_ENABLE=0 in the environment turns it off.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     return notes
 
 
@@ -243,9 +248,16 @@ def env_info(**facts) -> dict:
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         if torch.cuda.is_available() else [],
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-        "torch_threads": torch.get_num_threads(), "argv": sys.argv,
+        "torch_threads": torch.get_num_threads(), "host_huge_pages": host_huge_pages(torch), "argv": sys.argv,
     }
     return info
+
+
+def host_huge_pages(torch) -> bool:
+    """Whether torch puts large host tensors on transparent huge pages (THP_MEM_ALLOC_ENABLE was set
+    before its first CPU allocation): its allocator then aligns them to the page, where glibc's mmap
+    of a 64 MiB block (never touched here, so never paged in) leaves them 64 bytes past it."""
+    return torch.empty(64 << 20, dtype=torch.uint8).data_ptr() % 4096 == 0
 
 
 def package_version(pkg: str):
