@@ -213,12 +213,12 @@ else
 fi
 
 # -- the JPEG data path with the GPU decoding (issue 17) ---------------------------------------------------
-if [ "$SMOKE" = 1 ]; then
-    row "JPEG loader: nvJPEG batched vs workers" SKIP \
-        "CUDA only (CPU form: tests/test_augment.py::test_decoding_on_the_device_gives_the_workers_batches)"
-elif json=$(timeout 600 "$PY" "$REPO/bench/jpeg_loader.py" --device cuda --workers 8 --images 2048 --rounds 3 \
-                --skip-decoders --json 2> "$WORK/jpeg.err" | tail -n 1) &&
-     detail=$("$PY" - "$json" <<'EOF'
+jpeg_row() {   # jpeg_row LABEL ARGS... -> bench/jpeg_loader.py --device cuda --json ARGS, summarised
+    local label=$1 json
+    shift
+    if json=$(timeout 600 "$PY" "$REPO/bench/jpeg_loader.py" --device cuda --workers 8 --images 2048 \
+                  --skip-decoders --json "$@" 2> "$WORK/jpeg.err" | tail -n 1) &&
+       detail=$("$PY" - "$json" <<'EOF'
 import json, sys
 r = json.loads(sys.argv[1])
 d = r["gpu_decode_vs_cpu"]
@@ -228,10 +228,18 @@ print("; ".join(rates) + f"; nvJPEG vs CPU decode: mean |d| {d['mean_abs']}, max
       f"{d['fallback']} fallbacks")
 sys.exit(0 if d["mean_abs"] < 2 and d["fallback"] == 0 else 1)
 EOF
-     ); then
-    row "JPEG loader: nvJPEG batched vs workers" PASS "$detail"
+       ); then
+        row "$label" PASS "$detail"
+    else
+        row "$label" FAIL "${detail:-$(tail -n 2 "$WORK/jpeg.err" | tr '\n|' ' /')}"
+    fi
+}
+if [ "$SMOKE" = 1 ]; then
+    row "JPEG loader: nvJPEG batched vs workers" SKIP \
+        "CUDA only (CPU form: tests/test_augment.py::test_decoding_on_the_device_gives_the_workers_batches)"
 else
-    row "JPEG loader: nvJPEG batched vs workers" FAIL "${detail:-$(tail -n 2 "$WORK/jpeg.err" | tr '\n|' ' /')}"
+    jpeg_row "JPEG loader: nvJPEG batched vs workers" --rounds 3
+    jpeg_row "JPEG loader + resnet50 bf16 step" --rounds 2 --step resnet50
 fi
 
 # -- 2-GPU DDP == 1 GPU with the doubled batch ---------------------------------------------------------

@@ -9,7 +9,8 @@
    --device cuda: decode_on=workers and decode_on=device, the JPEGs batched through nvJPEG), against
    torchvision's reference loader (ImageFolder + PIL + RandomResizedCrop(224) + RandomHorizontalFlip +
    PILToTensor + ConvertImageDtype + Normalize; evaluation Resize(256) + CenterCrop(224)), the same
-   worker count and batch size, persistent workers for both, rounds alternating between them.
+   worker count and batch size, persistent workers for both, rounds alternating between them;
+3. with --step MODEL, the whole training step (torchvision's MODEL) fed by each of those loaders.
 
 The images are real photographs: scikit-learn's two sample photos (china.jpg, flower.jpg, 640x427)
 cut into 500x375 windows (a quarter of them portrait), jittered in brightness and saved at JPEG
@@ -18,6 +19,7 @@ quality 90 with 4:2:0 chroma, like most of ImageNet's files.
     python bench/jpeg_loader.py                                  # 1,024 images, 2 workers, batch 64
     python bench/jpeg_loader.py --images 2048 --rounds 5 --turbojpeg-lib /path/libturbojpeg.so.0
     python bench/jpeg_loader.py --device cuda --workers 8 --images 4096     # the GPU figure (gpu_check.sh)
+    python bench/jpeg_loader.py --step mobilenet_v3_small --skip-decoders   # the whole train step, each loader
 """
 import argparse
 import io
@@ -143,8 +145,10 @@ class Reference:
 
     def epoch(self):
         count = 0
-        for x, _ in self.loader:
+        for x, y in self.loader:
             x = x.to(self.device, non_blocking=True)
+            if STEP:
+                STEP[0](x, y.to(self.device, non_blocking=True))
             count += len(x)
         if self.device.type == "cuda":
             self.torch.cuda.synchronize()
@@ -172,11 +176,36 @@ class Ours:
         self.e += 1
         self.loader.set_epoch(self.e)
         count = 0
-        for x, _ in self.loader:
+        for x, y in self.loader:
+            if STEP:
+                STEP[0](x, y)
             count += len(x)
         if self.device.type == "cuda":
             self.torch.cuda.synchronize()
         return count
+
+
+STEP = []       # with --step: the training step every loader's batches go through
+
+
+def make_step(name, device):
+    """A plain training step of torchvision's `name` (10 classes, SGD; bf16 autocast + channels_last on
+    CUDA), so that the whole step's images/s can be compared with each loader feeding it."""
+    import torch
+    import torchvision
+    cuda = device == "cuda"
+    model = torchvision.models.get_model(name, num_classes=10).to(device)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step(x, y):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
 
 
 def loaders_for(root, train, args, tmp):
@@ -211,7 +240,7 @@ REF = "reference (torchvision, PIL)"
 def time_paths(root, args, tmp):
     """{path: {loader: images/s (median of rounds)}}, rounds alternating between the loaders."""
     out = {}
-    for train in (True, False):
+    for train in (True,) if STEP else (True, False):
         loaders = loaders_for(root, train, args, tmp)
         for lo in loaders.values():
             lo.epoch()                                        # start the workers, warm the page cache
@@ -239,6 +268,9 @@ def main():
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cuda: batches to the GPU, and ours also with the JPEGs decoded there (nvJPEG)")
     p.add_argument("--turbojpeg-lib", default=None, help="libturbojpeg.so path for PyTurboJPEG (default: its search)")
+    p.add_argument("--step", default=None, metavar="MODEL",
+                   help="feed a training step of this torchvision model (e.g. resnet50) with every loader's batches "
+                        "and time the whole step instead of the loader alone (training path only)")
     p.add_argument("--skip-decoders", action="store_true")
     p.add_argument("--no-huge-pages", action="store_true",
                    help="THP_MEM_ALLOC_ENABLE=0 (train.py sets 1 unless the environment says otherwise)")
@@ -257,6 +289,9 @@ def main():
                   "mean_jpeg_kb": round(sum(os.path.getsize(f) for f in files) / len(files) / 1024, 1)}
         if not args.skip_decoders:
             result["decode_ms"] = time_decoders(files[:256], args.turbojpeg_lib, args.rounds)
+        if args.step:
+            STEP.append(make_step(args.step, args.device))
+            result["step"] = args.step
         if args.device == "cuda":
             result["device"] = torch.cuda.get_device_name(0)
             result["gpu_decode_vs_cpu"] = gpu_decode_difference(files[:64], "cuda")

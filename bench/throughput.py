@@ -2,6 +2,7 @@
 
     python bench/throughput.py --model lenet --image-size 28 --batch 256          # step: ours vs bare
     python bench/throughput.py --model resnet18 --image-size 32 --batch 128 --channels 3
+    python bench/throughput.py --model lenet --set data.train_crop=28 --set data.auto_augment=trivialaugment
     python bench/throughput.py --loader                                           # loader alone vs seed-style
     python bench/throughput.py --end-to-end --model lenet                         # 60,000 FashionMNIST-format images
     python bench/throughput.py --ddp --model fashion_cnn                          # 2-process DDP vs 1 process
@@ -48,6 +49,9 @@ def parse():
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per timed block (default: ~0.5 s)")
     p.add_argument("--rounds", type=int, default=15, help="alternating blocks of each loop")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for ours only (repeatable), e.g. data.auto_augment=trivialaugment: "
+                        "the step's cost with that option on, against the same bare loop")
     p.add_argument("--loader", action="store_true", help="time the data path alone vs the seed-style pipeline")
     p.add_argument("--end-to-end", action="store_true", help="whole epochs on 60,000 FashionMNIST-format images")
     p.add_argument("--ddp", action="store_true", help="2-process DDP (torchrun, gloo) vs this process")
@@ -247,7 +251,7 @@ def time_loader(batches, n):
 # ---------------------------------------------------------------------------------------------
 
 def step_mode(args, tmp):
-    data = ["data.name=synthetic", f"data.channels={args.channels}", "data.num_samples=10000"]
+    data = ["data.name=synthetic", f"data.channels={args.channels}", "data.num_samples=10000", *args.set]
     ours = Ours(args, data, tmp)
     bare = Bare(ours, args)
     r = alternate({"ours": ours, "bare": bare}, args)
@@ -369,7 +373,8 @@ def ddp_worker(args, tmp):
 
 def vars_of(args):
     return {"model": args.model, "image_size": args.image_size, "batch": args.batch, "clock": args.clock,
-            "precision": args.precision, "channels_last": args.channels_last, "compile": args.compile}
+            "precision": args.precision, "channels_last": args.channels_last, "compile": args.compile,
+            **({"set": args.set} if args.set else {})}
 
 
 def main():

@@ -169,6 +169,22 @@ def test_decoding_on_the_device_gives_the_workers_batches(folder, tmp_path):
         build_data(_cfg(f"data.images={folder}", "data.decode_on=device"))
 
 
+def test_decoding_on_a_device_torchcodec_cannot_use_falls_back_or_is_refused(folder, capsys):
+    """Where TorchCodec cannot decode on the device (a CPU-only build on a GPU machine; here: CUDA
+    without a GPU, and the meta device), auto decodes in the workers with a note; an explicit
+    data.decode_on=device is refused with the way out, not run one image at a time."""
+    from lib.data.build import _decode_on_device
+    d = _cfg(f"data.images={folder}", "data.train_crop=64").data
+    spec = type("Spec", (), {"channels": 3})()
+    assert _decode_on_device(d, spec, "torchcodec", torch.device("cpu")) is False          # auto on a CPU
+    assert _decode_on_device(d, spec, "torchcodec", torch.device("cuda")) is False
+    assert "cannot decode JPEGs on cuda" in capsys.readouterr().out
+    d.decode_on = "device"
+    assert _decode_on_device(d, spec, "torchcodec", torch.device("cpu")) is True
+    with pytest.raises(UserError, match="data.decode_on=device but TorchCodec cannot decode a JPEG on meta"):
+        _decode_on_device(d, spec, "torchcodec", torch.device("meta"))
+
+
 def test_mixup_and_cutmix_targets_are_weights_summing_to_one():
     """Each row of the soft targets sums to 1; mixup mixes the images with the same weight as the
     targets; cutmix's weight is the share of pixels kept (the pasted box's complement)."""

@@ -13,7 +13,7 @@ import torch
 
 from lib.data.augment import ImageTransform, Mix
 from lib.data.cache import disk_cached
-from lib.data.formats import resolve_decoder
+from lib.data.formats import device_decode_problem, resolve_decoder
 from lib.data.loaders import FileDataset, FileLoader, MemoryLoader, TensorItems, collate, ignore_stop_signals
 from lib.data.sources import DATASETS
 from lib.data.spec import DataSpec, Split
@@ -168,7 +168,17 @@ def _decode_on_device(d, spec, decoder, device) -> bool:
             raise UserError("data.decode_on=device decodes with TorchCodec, which cannot be imported here; "
                             "pip install torchcodec (>= 0.16, matching your torch), or set data.decode_on=workers.")
         return False
-    return d.decode_on == "device" or device.type == "cuda"
+    if d.decode_on == "auto" and device.type != "cuda":
+        return False
+    problem = device_decode_problem(device)
+    if problem and d.decode_on == "device":
+        raise UserError(f"data.decode_on=device but TorchCodec cannot decode a JPEG on {device} ({problem}); "
+                        f"install a TorchCodec built for this device (CUDA builds come from PyTorch's wheel index), "
+                        f"or set data.decode_on=workers.")
+    if problem:
+        print(f"note: TorchCodec cannot decode JPEGs on {device} ({problem}); decoding in the loader workers "
+              f"(data.decode_on=workers)", flush=True)
+    return not problem
 
 
 def build_data(cfg, rt=None, device: torch.device | None = None) -> Data:

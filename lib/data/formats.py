@@ -162,7 +162,7 @@ def is_jpeg(path) -> bool:
     return str(path).lower().endswith((".jpg", ".jpeg"))
 
 
-def decode_jpegs(blobs, device):
+def decode_jpegs(blobs, device, fallback=True):
     """Encoded JPEGs (1-D uint8 CPU tensors of the files' bytes) -> RGB uint8 (3, H, W) tensors on
     `device`, decoded together by TorchCodec (one nvJPEG call on a GPU), with None for a file nothing
     decodes, and how many images needed the fallback: when the batch call fails, each image is decoded
@@ -174,7 +174,8 @@ def decode_jpegs(blobs, device):
     try:
         return list(decode_jpeg(list(blobs), mode="RGB", device=device)), 0
     except Exception:                           # noqa: BLE001 (any failure: one image at a time)
-        pass
+        if not fallback:
+            raise
     out, fallback = [], 0
     for b in blobs:
         try:
@@ -188,6 +189,21 @@ def decode_jpegs(blobs, device):
             img = _pil_bytes(b)
         out.append(None if img is None else img.to(device))
     return out, fallback
+
+
+def device_decode_problem(device):
+    """None when TorchCodec decodes a JPEG on `device` (a tiny one, made here), else why not: a CPU-only
+    TorchCodec (PyPI's wheels) cannot decode on CUDA, and decoding every batch's images one at a time
+    after failing would be slower than the workers."""
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 60)).save(buf, format="JPEG")
+    try:
+        out, _ = decode_jpegs([torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)], device, fallback=False)
+        ok = out[0].shape == (3, 16, 16) and out[0].device.type == torch.device(device).type
+        return None if ok else "an unexpected result"
+    except Exception as e:                      # noqa: BLE001 (the reason is reported)
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
 
 
 def _pil_bytes(blob):
