@@ -185,6 +185,36 @@ def test_decoding_on_a_device_torchcodec_cannot_use_falls_back_or_is_refused(fol
         _decode_on_device(d, spec, "torchcodec", torch.device("meta"))
 
 
+EXIT_WITH_A_LIVE_LOADER = """
+import sys
+from lib import config
+from lib.data import build_data
+cfg = config.load(config.Config, None, ["data.name=image_folder", "data.images=" + sys.argv[1], "data.cache=false",
+                  "data.loader=dataloader", "data.num_workers=2", "data.train_crop=32", "data.batch_size=2"])
+data = build_data(cfg)
+data.train.set_epoch(1)
+batches = iter(data.train)
+next(batches)
+raise SystemExit(3)       # the loader and its two workers are still referenced
+"""
+
+
+def test_python_exits_while_a_file_loader_with_workers_is_alive(folder):
+    """The workers ignore SIGTERM (a SLURM signal to the process group must not kill them), which is
+    also how multiprocessing ends daemonic children at exit before joining them: a loader still
+    referenced at exit (a global, a failed test's traceback) hung Python forever. It exits at once."""
+    import subprocess
+    import time
+    t = time.perf_counter()
+    try:
+        r = subprocess.run([helpers.PY, "-c", EXIT_WITH_A_LIVE_LOADER, str(folder)], cwd=helpers.REPO,
+                           capture_output=True, text=True, timeout=60, env=helpers.env())
+    except subprocess.TimeoutExpired:
+        pytest.fail("Python did not exit within 60 s with a FileLoader's workers alive")
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert time.perf_counter() - t < 45
+
+
 def test_mixup_and_cutmix_targets_are_weights_summing_to_one():
     """Each row of the soft targets sums to 1; mixup mixes the images with the same weight as the
     targets; cutmix's weight is the share of pixels kept (the pasted box's complement)."""

@@ -10,6 +10,7 @@ counts exactly once (pytorch#25162), and run the per-image ImageTransform (in th
 device for in-memory batches), the device-side BatchTransform, then mixup / cutmix on each batch.
 A training sample's augmentation is a function of (seed, epoch, sample index) (lib/data/augment.py).
 """
+import atexit
 import math
 import signal
 import weakref
@@ -55,6 +56,26 @@ def ignore_stop_signals(worker_id=None):
     for name in STOP_SIGNALS:
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+_FILE_LOADERS = weakref.WeakSet()            # every FileLoader alive, for the exit below
+
+
+@atexit.register
+def _end_workers_at_exit():
+    """Ends the workers of every FileLoader still alive when Python exits. They ignore SIGTERM (above),
+    and multiprocessing's own exit handler (registered before this one, so run after it) ends daemonic
+    children with SIGTERM and then joins them: a loader still referenced at exit (a global, a failed
+    test's traceback) hung the exit forever. Here each is told to stop as the DataLoader stops its
+    workers, and one that does not is killed."""
+    for loader in list(_FILE_LOADERS):
+        it = getattr(loader.dataloader, "_iterator", None)
+        if it is None:
+            continue
+        it._shutdown_workers()
+        for w in getattr(it, "_workers", []):
+            if w.is_alive():
+                w.kill()
 
 
 class _Loader:
@@ -244,6 +265,7 @@ class FileLoader(_Loader):
             dataset, batch_size=self.batch_size, sampler=_ShardSampler(self), num_workers=num_workers,
             collate_fn=collate, pin_memory=cuda, persistent_workers=num_workers > 0,
             prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=ignore_stop_signals)
+        _FILE_LOADERS.add(self)
 
     def __iter__(self):
         # The sampler reads self.start when the first batch is asked for: at once with workers, but
