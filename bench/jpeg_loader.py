@@ -129,8 +129,8 @@ class Reference:
 
     def __init__(self, root, train, batch, workers, device="cpu"):
         import torch
-        self.torch, self.device = torch, torch.device(device)
         from torchvision import datasets, transforms as T
+        self.device = torch.device(device)
         norm = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
         if train:
             tf = T.Compose([T.RandomResizedCrop(224, antialias=True), T.RandomHorizontalFlip(),
@@ -144,15 +144,7 @@ class Reference:
                                                   pin_memory=self.device.type == "cuda")
 
     def epoch(self):
-        count = 0
-        for x, y in self.loader:
-            x = x.to(self.device, non_blocking=True)
-            if STEP:
-                STEP[0](x, y.to(self.device, non_blocking=True))
-            count += len(x)
-        if self.device.type == "cuda":
-            self.torch.cuda.synchronize()
-        return count
+        return drain(self.loader, self.device)
 
 
 class Ours:
@@ -167,7 +159,7 @@ class Ours:
             "data.eval_crop=224", "data.normalize=imagenet", "data.loader=dataloader", f"data.num_workers={workers}",
             f"data.batch_size={batch}", f"data.eval_batch_size={batch}", f"data.decoder={decoder}",
             f"data.decode_on={decode_on}", "data.augment=none", "data.cache=false", f"output_dir={tmp}"])
-        self.torch, self.device = torch, torch.device(device)
+        self.device = torch.device(device)
         data = build_data(cfg, device=self.device)
         self.loader = data.train if train else data.val
         self.train, self.e = train, 0
@@ -175,14 +167,21 @@ class Ours:
     def epoch(self):
         self.e += 1
         self.loader.set_epoch(self.e)
-        count = 0
-        for x, y in self.loader:
-            if STEP:
-                STEP[0](x, y)
-            count += len(x)
-        if self.device.type == "cuda":
-            self.torch.cuda.synchronize()
-        return count
+        return drain(self.loader, self.device)
+
+
+def drain(batches, device):
+    """One epoch of a loader's (x, y) batches on `device` (through STEP when --step): how many images."""
+    import torch
+    count = 0
+    for x, y in batches:
+        x = x.to(device, non_blocking=True)
+        if STEP:
+            STEP[0](x, y.to(device, non_blocking=True))
+        count += len(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return count
 
 
 STEP = []       # with --step: the training step every loader's batches go through

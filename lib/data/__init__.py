@@ -12,7 +12,9 @@ as image files), served by one of two loaders that run the same device-side Batc
     sources.py     the DATASETS catalogue and its in-memory sources
     files.py       the image_csv and image_folder sources
     transforms.py  BatchTransform and the normalisation statistics
+    augment.py     per-image recipe transforms, random erasing, mixup / cutmix
     loaders.py     shard_indices, MemoryLoader, FileLoader
+    workers.py     the DataLoader workers' stop signals and their end at exit
     cache.py       the on-disk decode cache
     build.py       check() and build_data()
 """

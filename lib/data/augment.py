@@ -103,13 +103,17 @@ class ImageTransform:
             img = self.policy()(img)
         return img
 
+    def each(self, images, key, ids):
+        """The transform of each of `images` (any sizes; sample indices `ids`), as a list, leaving torch's
+        global generator as it was (the auto-augment policies reseed it)."""
+        with torch.random.fork_rng(devices=[]):
+            return [self(img, key, i) for img, i in zip(images, ids.tolist())]
+
     def batch(self, x, key, ids):
-        """The transform of each image of a same-size uint8 batch (the memory loader), leaving torch's
-        global generator as it was."""
+        """The transform of each image of a same-size uint8 batch (the memory loader), stacked."""
         if not self.train:
             return self(x)                          # resize + centre crop are the same for every image
-        with torch.random.fork_rng(devices=[]):
-            return torch.stack([self(x[i], key, i_) for i, i_ in enumerate(ids.tolist())])
+        return torch.stack(self.each(x, key, ids))
 
 
 def erase_(x, key, ids, p, scale=(0.02, 0.33), ratio=(0.3, 3.3)):

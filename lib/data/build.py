@@ -14,10 +14,11 @@ import torch
 from lib.data.augment import ImageTransform, Mix
 from lib.data.cache import disk_cached
 from lib.data.formats import device_decode_problem, resolve_decoder
-from lib.data.loaders import FileDataset, FileLoader, MemoryLoader, TensorItems, collate, ignore_stop_signals
+from lib.data.loaders import FileDataset, FileLoader, MemoryLoader, TensorItems, collate
 from lib.data.sources import DATASETS
 from lib.data.spec import DataSpec, Split
 from lib.data.transforms import BatchTransform
+from lib.data.workers import ignore_stop_signals
 from lib.errors import UserError
 
 

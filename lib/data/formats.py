@@ -162,7 +162,7 @@ def is_jpeg(path) -> bool:
     return str(path).lower().endswith((".jpg", ".jpeg"))
 
 
-def decode_jpegs(blobs, device, fallback=True):
+def decode_jpegs(blobs, device):
     """Encoded JPEGs (1-D uint8 CPU tensors of the files' bytes) -> RGB uint8 (3, H, W) tensors on
     `device`, decoded together by TorchCodec (one nvJPEG call on a GPU), with None for a file nothing
     decodes, and how many images needed the fallback: when the batch call fails, each image is decoded
@@ -174,8 +174,7 @@ def decode_jpegs(blobs, device, fallback=True):
     try:
         return list(decode_jpeg(list(blobs), mode="RGB", device=device)), 0
     except Exception:                           # noqa: BLE001 (any failure: one image at a time)
-        if not fallback:
-            raise
+        pass
     out, fallback = [], 0
     for b in blobs:
         try:
@@ -183,9 +182,8 @@ def decode_jpegs(blobs, device, fallback=True):
             continue
         except Exception:                       # noqa: BLE001
             fallback += 1
-        try:
-            img = decode_jpeg(b, mode="RGB")
-        except Exception:                       # noqa: BLE001
+        img = _torchcodec_jpeg(b)
+        if img is None:
             img = _pil_bytes(b)
         out.append(None if img is None else img.to(device))
     return out, fallback
@@ -196,10 +194,11 @@ def device_decode_problem(device):
     TorchCodec (PyPI's wheels) cannot decode on CUDA, and decoding every batch's images one at a time
     after failing would be slower than the workers."""
     from PIL import Image
+    from torchcodec.decoders import decode_jpeg
     buf = io.BytesIO()
     Image.new("RGB", (16, 16), (200, 30, 60)).save(buf, format="JPEG")
     try:
-        out, _ = decode_jpegs([torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)], device, fallback=False)
+        out = decode_jpeg([torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)], mode="RGB", device=device)
         ok = out[0].shape == (3, 16, 16) and out[0].device.type == torch.device(device).type
         return None if ok else "an unexpected result"
     except Exception as e:                      # noqa: BLE001 (the reason is reported)
@@ -217,11 +216,12 @@ def _pil_bytes(blob):
     return torch.from_numpy(a).permute(2, 0, 1)
 
 
-def _torchcodec_jpeg(path):
-    """TorchCodec's RGB decode of a JPEG file, or None when TorchCodec cannot (the caller uses PIL)."""
+def _torchcodec_jpeg(source):
+    """TorchCodec's RGB decode (on the CPU) of a JPEG file, or of its bytes (a 1-D uint8 tensor), or
+    None when TorchCodec cannot (the caller uses PIL)."""
     try:
         from torchcodec.decoders import decode_jpeg
-        return decode_jpeg(str(path), mode="RGB")
+        return decode_jpeg(source if torch.is_tensor(source) else str(source), mode="RGB")
     except Exception:                               # not installed, or a JPEG variant it does not take
         return None
 

@@ -10,14 +10,13 @@ counts exactly once (pytorch#25162), and run the per-image ImageTransform (in th
 device for in-memory batches), the device-side BatchTransform, then mixup / cutmix on each batch.
 A training sample's augmentation is a function of (seed, epoch, sample index) (lib/data/augment.py).
 """
-import atexit
 import math
-import signal
 import weakref
 
 import torch
 
 from lib.data.formats import decode_image, decode_jpegs, is_jpeg
+from lib.data.workers import ignore_stop_signals, stopped_at_exit
 from lib.errors import UserError
 from lib.seeding import stable_seed
 
@@ -42,40 +41,6 @@ def shard_indices(n, *, epoch, seed, shuffle, train, rank, world, start=0):
         rest = order[start:]
         order = rest[: len(rest) - len(rest) % world]
     return order[rank::world]
-
-
-STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGHUP")
-
-
-def ignore_stop_signals(worker_id=None):
-    """worker_init_fn of every DataLoader: a worker ignores the stop signals. SLURM and `kill -- -PGID`
-    signal the whole process group, workers included; a worker that died of SIGTERM made the main
-    process fail with "DataLoader worker ... is killed by signal" before it could write its stop
-    checkpoint. The main process owns shutdown: it stops at the next step boundary and ends the
-    workers itself (they also exit when it is gone)."""
-    for name in STOP_SIGNALS:
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
-
-
-_FILE_LOADERS = weakref.WeakSet()            # every FileLoader alive, for the exit below
-
-
-@atexit.register
-def _end_workers_at_exit():
-    """Ends the workers of every FileLoader still alive when Python exits. They ignore SIGTERM (above),
-    and multiprocessing's own exit handler (registered before this one, so run after it) ends daemonic
-    children with SIGTERM and then joins them: a loader still referenced at exit (a global, a failed
-    test's traceback) hung the exit forever. Here each is told to stop as the DataLoader stops its
-    workers, and one that does not is killed."""
-    for loader in list(_FILE_LOADERS):
-        it = getattr(loader.dataloader, "_iterator", None)
-        if it is None:
-            continue
-        it._shutdown_workers()
-        for w in getattr(it, "_workers", []):
-            if w.is_alive():
-                w.kill()
 
 
 class _Loader:
@@ -258,14 +223,13 @@ class FileLoader(_Loader):
         super().__init__(len(dataset), image_tf=getattr(dataset, "image_tf", None), **kw)
         self.on_bad_sample = on_bad_sample
         self.skipped = 0
-        self.files = getattr(dataset, "files", None)
         self.fallbacks = 0                      # JPEGs the device could not decode (decoded on the CPU)
         cuda = self.device.type == "cuda"
         self.dataloader = torch.utils.data.DataLoader(
             dataset, batch_size=self.batch_size, sampler=_ShardSampler(self), num_workers=num_workers,
             collate_fn=collate, pin_memory=cuda, persistent_workers=num_workers > 0,
             prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=ignore_stop_signals)
-        _FILE_LOADERS.add(self)
+        stopped_at_exit(self.dataloader)
 
     def __iter__(self):
         # The sampler reads self.start when the first batch is asked for: at once with workers, but
@@ -300,16 +264,18 @@ class FileLoader(_Loader):
         images, fallback = decode_jpegs([items[k] for k in coded], self.device)
         if fallback and not self.fallbacks:
             print(f"note: {fallback} JPEG(s) of a batch could not be decoded on {self.device} and were "
-                  f"decoded on the CPU (TorchCodec or PIL); the count is kept in the loader", flush=True)
+                  f"decoded on the CPU (TorchCodec or PIL); said once per loader", flush=True)
         self.fallbacks += fallback
+        decoded = [k for k, img in zip(coded, images) if img is not None]
+        failed = [k for k, img in zip(coded, images) if img is None]
         out = list(items)
-        key = self.key() if self.train else None
-        with torch.random.fork_rng(devices=[]):     # the auto-augment policies reseed the CPU generator
-            for k, img in zip(coded, images):
-                out[k] = None if img is None else self.image_tf(img, key, int(ids[k]))
-        keep = [k for k, t in enumerate(out) if t is not None]
-        errors = [f"{self.files[int(ids[k])]} (neither TorchCodec nor PIL can decode it)"
-                  for k, t in enumerate(out) if t is None]
+        crops = self.image_tf.each([img for img in images if img is not None],
+                                   self.key() if self.train else None, ids[decoded])
+        for k, crop in zip(decoded, crops):
+            out[k] = crop
+        files = self.dataloader.dataset.files
+        errors = [f"{files[int(ids[k])]} (neither TorchCodec nor PIL can decode it)" for k in failed]
+        keep = [k for k in range(len(out)) if k not in failed]
         if not keep:
             return None, None, None, errors
         x = torch.stack([out[k].to(self.device, non_blocking=True) for k in keep]).contiguous()
